@@ -1,0 +1,63 @@
+"""Writes for accounts: sign-up and tokens."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+from django.conf import settings
+from django.contrib.auth import password_validation
+from django.core.exceptions import ValidationError
+from django.db import IntegrityError, transaction
+
+from parley.accounts.models import ApiToken, User
+from parley.chat.errors import BadRequest, Conflict, Forbidden
+
+USERNAME_MAX = 150
+
+
+def token_digest(raw: str) -> str:
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def token_create(*, user: User) -> str:
+    """Create a bearer token and return it; only its digest is kept."""
+    raw = "plt_" + secrets.token_urlsafe(32)
+    ApiToken.objects.create(user=user, digest=token_digest(raw))
+    return raw
+
+
+def user_create(
+    *, username: str, password: str, display_name: str = "", email: str = ""
+) -> User:
+    """Sign up a user, validating the username and password like the admin does."""
+    if not settings.PARLEY_ALLOW_SIGNUP:
+        raise Forbidden("Sign-up is disabled on this server.")
+    username = username.strip()
+    user = User(username=username, display_name=display_name.strip(), email=email.strip())
+    try:
+        user.full_clean(exclude=["password"])
+    except ValidationError as exc:
+        if "username" in exc.error_dict and any(
+            e.code == "unique" for e in exc.error_dict["username"]
+        ):
+            raise Conflict("That username is taken.") from None
+        raise BadRequest(_flatten(exc)) from None
+    try:
+        password_validation.validate_password(password, user)
+    except ValidationError as exc:
+        raise BadRequest("password: " + " ".join(exc.messages)) from None
+    user.set_password(password)
+    try:
+        with transaction.atomic():
+            user.save()
+    except IntegrityError:
+        raise Conflict("That username is taken.") from None
+    return user
+
+
+def _flatten(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{field}: {' '.join(str(m) for m in messages)}"
+        for field, messages in exc.message_dict.items()
+    )

@@ -1,0 +1,171 @@
+"""Wire shapes of events, and their publication to the channel layer on commit.
+
+Every frame a client can receive is built here (docs/protocol.md is the catalogue).
+A broadcast is serialized once: the channel-layer event carries the frame as JSON text
+and each socket sends that text as is.
+
+Groups: `conv.<id>` reaches every socket of a conversation's members; `user.<id>` reaches
+every socket of one user (so a socket can follow conversations it joins or leaves).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+from django.db import transaction
+
+logger = logging.getLogger(__name__)
+
+
+def conversation_group(conversation_id: int) -> str:
+    return f"conv.{conversation_id}"
+
+
+def user_group(user_id: int) -> str:
+    return f"user.{user_id}"
+
+
+def dumps(frame: Mapping[str, Any]) -> str:
+    return orjson.dumps(frame).decode()
+
+
+def iso(ts) -> str | None:
+    if ts is None:
+        return None
+    return ts.isoformat().replace("+00:00", "Z")
+
+
+# --- frame shapes ---------------------------------------------------------------
+
+def user_json(user) -> dict[str, Any]:
+    return {"id": user.id, "username": user.username, "display_name": user.display_name}
+
+
+def message_json(message, sender=None) -> dict[str, Any]:
+    sender = sender or message.sender
+    return {
+        "id": message.id,
+        "conversation": message.conversation_id,
+        "seq": message.seq,
+        "sender": user_json(sender),
+        "body": message.body,
+        "client_id": message.client_id,
+        "created_at": iso(message.created_at),
+    }
+
+
+def message_frame(message, sender=None) -> dict[str, Any]:
+    return {"type": "message", **message_json(message, sender)}
+
+
+def receipt_frame(
+    *, conversation_id: int, user_id: int, delivered_seq: int, read_seq: int
+) -> dict[str, Any]:
+    return {
+        "type": "receipt",
+        "conversation": conversation_id,
+        "user": user_id,
+        "delivered_seq": delivered_seq,
+        "read_seq": read_seq,
+    }
+
+
+def membership_frame(*, conversation_id: int, event: str) -> dict[str, Any]:
+    return {"type": "membership", "conversation": conversation_id, "event": event}
+
+
+# --- channel-layer events ---------------------------------------------------------
+# The consumer method that handles an event is named by its "type" ("chat.frame" ->
+# chat_frame). Extra keys let the consumer act without parsing the frame.
+
+def message_event(message, sender=None) -> dict[str, Any]:
+    return {
+        "type": "chat.frame",
+        "kind": "message",
+        "conversation": message.conversation_id,
+        "seq": message.seq,
+        "sender": message.sender_id,
+        "frame": dumps(message_frame(message, sender)),
+    }
+
+
+def receipt_event(**fields: int) -> dict[str, Any]:
+    return {
+        "type": "chat.frame",
+        "kind": "receipt",
+        "conversation": fields["conversation_id"],
+        "frame": dumps(receipt_frame(**fields)),
+    }
+
+
+def membership_event(*, conversation_id: int, event: str) -> dict[str, Any]:
+    return {
+        "type": "chat.membership",
+        "conversation": conversation_id,
+        "event": event,
+        "frame": dumps(membership_frame(conversation_id=conversation_id, event=event)),
+    }
+
+
+# --- publication ------------------------------------------------------------------
+
+class _Publisher:
+    """Sends channel-layer events from synchronous code.
+
+    Sync callers (gunicorn workers, Celery tasks, the realtime process' database threads)
+    must not start an event loop per event: the Redis connection belongs to a loop. An
+    async process binds its own running loop (`bind_loop`); elsewhere one daemon thread
+    per process runs a loop for publishing. Publishing never blocks the caller and never
+    fails its request: the live path is at-most-once, and clients recover by `seq`.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pid: int | None = None
+        self._pending: set[asyncio.Future] = set()
+
+    def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._lock:
+            self._loop, self._pid = loop, os.getpid()
+
+    def _get_loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None or self._pid != os.getpid() or self._loop.is_closed():
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(
+                    target=loop.run_forever, name="parley-event-publisher", daemon=True
+                )
+                thread.start()
+                self._loop, self._pid = loop, os.getpid()
+            return self._loop
+
+    def submit(self, group: str, event: dict[str, Any]):
+        from channels.layers import get_channel_layer
+
+        layer = get_channel_layer()
+        if layer is None:
+            return None
+        fut = asyncio.run_coroutine_threadsafe(layer.group_send(group, event), self._get_loop())
+        fut.add_done_callback(_log_failure)
+        return fut
+
+
+def _log_failure(fut) -> None:
+    exc = fut.exception()
+    if exc is not None:
+        logger.warning("event publish failed: %r", exc)
+
+
+publisher = _Publisher()
+
+
+def publish_on_commit(group: str, event: dict[str, Any]) -> None:
+    """Publish `event` to `group` once the current transaction commits (never before)."""
+    transaction.on_commit(lambda: publisher.submit(group, event), robust=True)

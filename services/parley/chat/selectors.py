@@ -1,0 +1,191 @@
+"""Reads of the chat domain."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from django.db.models import Count, F, Q
+
+from parley.accounts.models import User
+from parley.chat import presence
+from parley.chat.errors import BadRequest, NotFound
+from parley.chat.models import Conversation, Membership, Message, Notification
+
+PAGE_DEFAULT = 50
+PAGE_MAX = 200
+MEMBERS_IN_LIST = 100  # receipts shown per conversation in the list; see members endpoint
+
+
+def membership_get(*, user: User, conversation_id: int) -> Membership:
+    """The caller's membership, or NotFound: a non-member learns nothing, not even existence."""
+    membership = (
+        Membership.objects.select_related("conversation")
+        .filter(user=user, conversation_id=conversation_id)
+        .first()
+    )
+    if membership is None:
+        raise NotFound("No such conversation, or you are not a member.")
+    return membership
+
+
+def conversation_title(conversation: Conversation, *, viewer: User, others: list[User]) -> str:
+    if conversation.kind == Conversation.Kind.ROOM:
+        return conversation.name
+    other = next((u for u in others if u.id != viewer.id), None)
+    return other.shown_name if other else "(direct)"
+
+
+def conversation_list(*, user: User) -> list[dict]:
+    """The user's conversations, most recently active first, with unread counts and receipts."""
+    memberships = list(
+        Membership.objects.filter(user=user)
+        .select_related("conversation")
+        .order_by("-conversation__last_seq", "conversation_id")
+    )
+    conv_ids = [m.conversation_id for m in memberships]
+    members_by_conv: dict[int, list[Membership]] = {cid: [] for cid in conv_ids}
+    counts = dict(
+        Membership.objects.filter(conversation_id__in=conv_ids)
+        .values_list("conversation_id")
+        .annotate(n=Count("id"))
+        .values_list("conversation_id", "n")
+    )
+    small = [cid for cid in conv_ids if counts.get(cid, 0) <= MEMBERS_IN_LIST]
+    for m in (
+        Membership.objects.filter(conversation_id__in=small)
+        .select_related("user")
+        .order_by("conversation_id", "user_id")
+    ):
+        members_by_conv[m.conversation_id].append(m)
+    result = []
+    for m in memberships:
+        conv = m.conversation
+        members = members_by_conv[conv.id]
+        result.append(
+            {
+                "conversation": conv,
+                "membership": m,
+                "title": conversation_title(conv, viewer=user, others=[x.user for x in members]),
+                "last_seq": conv.last_seq,
+                "unread": max(conv.last_seq - m.last_read_seq, 0),
+                "member_count": counts.get(conv.id, 0),
+                "members": members,
+            }
+        )
+    return result
+
+
+def unread_total(*, user: User) -> int:
+    agg = Membership.objects.filter(user=user).aggregate(
+        n=Count("id", filter=Q(conversation__last_seq__gt=F("last_read_seq")))
+    )
+    return agg["n"] or 0
+
+
+def conversation_ids_for_user(*, user_id: int) -> list[tuple[int, int]]:
+    """(conversation id, last_seq) of every conversation the user is in."""
+    return list(
+        Membership.objects.filter(user_id=user_id)
+        .order_by("conversation_id")
+        .values_list("conversation_id", "conversation__last_seq")
+    )
+
+
+@dataclass(frozen=True)
+class MessagePage:
+    messages: list[Message]
+    has_older: bool
+    has_newer: bool
+    direction: str  # "newer" when paging forward with `after`, else "older"
+
+
+def _seq_arg(name: str, value: object) -> int | None:
+    if value is None or value == "":
+        return None
+    try:
+        seq = int(value)
+    except (TypeError, ValueError):
+        raise BadRequest(f"{name} must be an integer.") from None
+    if seq < 0:
+        raise BadRequest(f"{name} must not be negative.")
+    return seq
+
+
+def message_page(
+    *, user: User, conversation_id: int, after: object = None, before: object = None,
+    limit: object = None,
+) -> MessagePage:
+    """A page of history, ascending by seq.
+
+    `after`: the `limit` messages just after it; `before`: the `limit` just before it;
+    neither: the newest `limit`. Each is one range scan of the (conversation, seq) index.
+    """
+    after_seq = _seq_arg("after", after)
+    before_seq = _seq_arg("before", before)
+    if limit in (None, ""):
+        n = PAGE_DEFAULT
+    else:
+        try:
+            n = int(limit)
+        except (TypeError, ValueError):
+            raise BadRequest("limit must be an integer.") from None
+        if not 1 <= n <= PAGE_MAX:
+            raise BadRequest(f"limit must be between 1 and {PAGE_MAX}.")
+    membership = membership_get(user=user, conversation_id=conversation_id)
+    last_seq = membership.conversation.last_seq
+    qs = Message.objects.filter(conversation_id=conversation_id).select_related("sender")
+    if before_seq is not None:
+        qs = qs.filter(seq__lt=before_seq)
+    if after_seq is not None:
+        qs = qs.filter(seq__gt=after_seq)
+        rows = list(qs.order_by("seq")[: n + 1])
+        has_newer = len(rows) > n
+        rows = rows[:n]
+        has_older = bool(rows) and rows[0].seq > 1 or (not rows and after_seq > 0)
+        return MessagePage(rows, has_older=has_older, has_newer=has_newer, direction="newer")
+    rows = list(qs.order_by("-seq")[: n + 1])
+    has_older = len(rows) > n
+    rows = rows[:n][::-1]
+    newest_shown = rows[-1].seq if rows else (before_seq - 1 if before_seq else last_seq)
+    has_newer = newest_shown < last_seq
+    return MessagePage(rows, has_older=has_older, has_newer=has_newer, direction="older")
+
+
+def messages_after(*, conversation_id: int, after: int, limit: int) -> list[Message]:
+    """Messages with seq > after, ascending (for resume). The caller checks membership."""
+    return list(
+        Message.objects.filter(conversation_id=conversation_id, seq__gt=after)
+        .select_related("sender")
+        .order_by("seq")[:limit]
+    )
+
+
+def room_search(*, q: str = "", limit: int = 50) -> list[Conversation]:
+    qs = Conversation.objects.filter(kind=Conversation.Kind.ROOM, is_public=True)
+    q = (q or "").strip()
+    if q:
+        qs = qs.filter(Q(name__icontains=q) | Q(slug__icontains=q) | Q(topic__icontains=q))
+    return list(qs.annotate(member_count=Count("memberships")).order_by("name")[:limit])
+
+
+def member_list(*, user: User, conversation_id: int) -> list[dict]:
+    membership_get(user=user, conversation_id=conversation_id)
+    members = list(
+        Membership.objects.filter(conversation_id=conversation_id)
+        .select_related("user")
+        .order_by("user__username")
+    )
+    online = presence.online_user_ids(user_ids=[m.user_id for m in members])
+    return [{"membership": m, "user": m.user, "online": m.user_id in online} for m in members]
+
+
+def notification_list(*, user: User, limit: int = 50) -> list[Notification]:
+    return list(
+        Notification.objects.filter(user=user)
+        .select_related("conversation")
+        .order_by("-created_at", "-id")[:limit]
+    )
+
+
+def notification_open_count(*, user: User) -> int:
+    return Notification.objects.filter(user=user, closed_at__isnull=True).count()
