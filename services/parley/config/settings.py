@@ -136,6 +136,9 @@ CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default=REDIS_URL)
 # see docs/benchmarks.md). "core": channels_redis' RedisChannelLayer, one list write
 # per member (kept for the naive benchmark configuration).
 CHANNEL_LAYER_BACKEND = env.str("CHANNEL_LAYER_BACKEND", default="pubsub")
+# Pub/sub channels are global to a Redis server (not per database number): deployments
+# that share one Redis must use different prefixes.
+CHANNEL_LAYER_PREFIX = env.str("CHANNEL_LAYER_PREFIX", default="parley")
 # Several hosts shard groups across Redis servers; comma-separated URLs.
 _layer_hosts = [
     {
@@ -154,7 +157,7 @@ if CHANNEL_LAYER_BACKEND == "core":
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [h["address"] for h in _layer_hosts], "prefix": "parley"},
+            "CONFIG": {"hosts": [h["address"] for h in _layer_hosts], "prefix": CHANNEL_LAYER_PREFIX},
         }
     }
 elif CHANNEL_LAYER_BACKEND == "memory":
@@ -163,7 +166,7 @@ else:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
-            "CONFIG": {"hosts": _layer_hosts, "prefix": "parley"},
+            "CONFIG": {"hosts": _layer_hosts, "prefix": CHANNEL_LAYER_PREFIX},
         }
     }
 
