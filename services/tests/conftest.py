@@ -74,8 +74,13 @@ class ApiClient:
     def _call(self, method: str, path: str, data=None, **kw):
         fn = getattr(self.client, method)
         if method in ("post", "put", "patch") and not isinstance(data, (str, bytes)):
-            return fn(path, data=data if data is not None else {}, content_type="application/json",
-                      headers=self.headers, **kw)
+            return fn(
+                path,
+                data=data if data is not None else {},
+                content_type="application/json",
+                headers=self.headers,
+                **kw,
+            )
         if method in ("post", "put", "patch"):
             return fn(path, data=data, content_type="application/json", headers=self.headers, **kw)
         return fn(path, data=data, headers=self.headers, **kw)

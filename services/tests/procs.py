@@ -29,6 +29,8 @@ def send_many(db_name: str, conversation_id: int, user_ids: list[int], n: int, t
         sender = users[i % len(users)]
         for _ in range(2 if i % 3 == 0 else 1):
             services.message_create(
-                sender=sender, conversation_id=conversation_id, body=f"{tag}-{i}",
+                sender=sender,
+                conversation_id=conversation_id,
+                body=f"{tag}-{i}",
                 client_id=f"{tag}-{i}",
             )

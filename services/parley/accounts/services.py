@@ -27,9 +27,7 @@ def token_create(*, user: User) -> str:
     return raw
 
 
-def user_create(
-    *, username: str, password: str, display_name: str = "", email: str = ""
-) -> User:
+def user_create(*, username: str, password: str, display_name: str = "", email: str = "") -> User:
     """Sign up a user, validating the username and password like the admin does."""
     if not settings.PARLEY_ALLOW_SIGNUP:
         raise Forbidden("Sign-up is disabled on this server.")

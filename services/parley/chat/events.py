@@ -43,6 +43,7 @@ def iso(ts) -> str | None:
 
 # --- frame shapes ---------------------------------------------------------------
 
+
 def user_json(user) -> dict[str, Any]:
     return {"id": user.id, "username": user.username, "display_name": user.display_name}
 
@@ -84,6 +85,7 @@ def membership_frame(*, conversation_id: int, event: str) -> dict[str, Any]:
 # The consumer method that handles an event is named by its "type" ("chat.frame" ->
 # chat_frame). Extra keys let the consumer act without parsing the frame.
 
+
 def message_event(message, sender=None) -> dict[str, Any]:
     return {
         "type": "chat.frame",
@@ -114,6 +116,7 @@ def membership_event(*, conversation_id: int, event: str) -> dict[str, Any]:
 
 
 # --- publication ------------------------------------------------------------------
+
 
 class _Publisher:
     """Sends channel-layer events from synchronous code.

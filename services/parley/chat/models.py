@@ -20,7 +20,10 @@ class Conversation(models.Model):
     # "<low user id>:<high user id>" for direct conversations: at most one per pair.
     direct_key = models.CharField(max_length=50, null=True, blank=True, unique=True)
     created_by = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
         related_name="+",
     )
     created_at = models.DateTimeField(auto_now_add=True)
@@ -82,7 +85,8 @@ class Message(models.Model):
         settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="messages_sent"
     )
     body = models.TextField()
-    client_id = models.CharField(max_length=64, null=True, blank=True)
+    # NULL (not "") when absent, so the partial unique constraint ignores it.
+    client_id = models.CharField(max_length=64, null=True, blank=True)  # noqa: DJ001
     created_at = models.DateTimeField(auto_now_add=True)
     edited_at = models.DateTimeField(null=True, blank=True)
     deleted_at = models.DateTimeField(null=True, blank=True)
@@ -132,4 +136,6 @@ class Notification(models.Model):
         indexes = [models.Index(fields=["user", "-created_at"], name="notification_by_user")]
 
     def __str__(self) -> str:
-        return f"notification {self.user_id}/{self.conversation_id} {self.first_seq}-{self.last_seq}"
+        return (
+            f"notification {self.user_id}/{self.conversation_id} {self.first_seq}-{self.last_seq}"
+        )

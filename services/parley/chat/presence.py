@@ -38,6 +38,5 @@ def online_user_ids(*, user_ids: Iterable[int]) -> set[int]:
     except redis.RedisError:
         return set()
     return {
-        uid for uid, values in zip(ids, results, strict=True)
-        if any(float(v) > now for v in values)
+        uid for uid, values in zip(ids, results, strict=True) if any(float(v) > now for v in values)
     }

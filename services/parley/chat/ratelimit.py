@@ -15,7 +15,7 @@ _client: redis.Redis | None = None
 
 def redis_client() -> redis.Redis:
     """One pooled client per process for presence, rate limits and other small keys."""
-    global _client  # noqa: PLW0603
+    global _client
     if _client is None:
         _client = redis.Redis.from_url(
             settings.REDIS_URL, socket_timeout=5, socket_connect_timeout=5,

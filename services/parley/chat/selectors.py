@@ -112,7 +112,11 @@ def _seq_arg(name: str, value: object) -> int | None:
 
 
 def message_page(
-    *, user: User, conversation_id: int, after: object = None, before: object = None,
+    *,
+    user: User,
+    conversation_id: int,
+    after: object = None,
+    before: object = None,
     limit: object = None,
 ) -> MessagePage:
     """A page of history, ascending by seq.
@@ -141,7 +145,7 @@ def message_page(
         rows = list(qs.order_by("seq")[: n + 1])
         has_newer = len(rows) > n
         rows = rows[:n]
-        has_older = bool(rows) and rows[0].seq > 1 or (not rows and after_seq > 0)
+        has_older = (bool(rows) and rows[0].seq > 1) or (not rows and after_seq > 0)
         return MessagePage(rows, has_older=has_older, has_newer=has_newer, direction="newer")
     rows = list(qs.order_by("-seq")[: n + 1])
     has_older = len(rows) > n

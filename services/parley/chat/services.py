@@ -64,8 +64,11 @@ def message_create(
         with transaction.atomic():
             seq = _allocate_seq(conversation_id)
             message = Message.objects.create(
-                conversation_id=conversation_id, seq=seq, sender=sender,
-                body=body, client_id=client_id,
+                conversation_id=conversation_id,
+                seq=seq,
+                sender=sender,
+                body=body,
+                client_id=client_id,
             )
             # The sender has obviously seen their own message.
             Membership.objects.filter(user=sender, conversation_id=conversation_id).update(
@@ -101,9 +104,7 @@ def _allocate_seq(conversation_id: int) -> int:
 
 def _message_by_client_id(*, sender: User, client_id: str) -> Message | None:
     return (
-        Message.objects.select_related("sender")
-        .filter(sender=sender, client_id=client_id)
-        .first()
+        Message.objects.select_related("sender").filter(sender=sender, client_id=client_id).first()
     )
 
 
@@ -114,6 +115,7 @@ def _idempotent_result(message: Message, conversation_id: int) -> tuple[Message,
 
 
 # --- rooms and direct conversations -------------------------------------------------
+
 
 def room_create(
     *, creator: User, name: object, slug: object = None, topic: object = "", public: object = True
@@ -139,8 +141,12 @@ def room_create(
     try:
         with transaction.atomic():
             room = Conversation.objects.create(
-                kind=Conversation.Kind.ROOM, name=name, slug=slug, topic=topic.strip(),
-                is_public=public, created_by=creator,
+                kind=Conversation.Kind.ROOM,
+                name=name,
+                slug=slug,
+                topic=topic.strip(),
+                is_public=public,
+                created_by=creator,
             )
             _join(user=creator, conversation=room)
     except IntegrityError:
@@ -151,8 +157,10 @@ def room_create(
 def _join(*, user: User, conversation: Conversation) -> Membership:
     # A newcomer starts with everything before them counted as read.
     membership = Membership.objects.create(
-        user=user, conversation=conversation,
-        last_delivered_seq=conversation.last_seq, last_read_seq=conversation.last_seq,
+        user=user,
+        conversation=conversation,
+        last_delivered_seq=conversation.last_seq,
+        last_read_seq=conversation.last_seq,
     )
     events.publish_on_commit(
         events.user_group(user.id),
@@ -224,6 +232,7 @@ def direct_get_or_create(*, user: User, username: object) -> tuple[Conversation,
 
 # --- receipts and settings --------------------------------------------------------
 
+
 def membership_mark_read(*, user: User, conversation_id: int, seq: object) -> Membership:
     """Move the caller's read (and so delivered) position forward to `seq`; never back."""
     if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
@@ -232,8 +241,10 @@ def membership_mark_read(*, user: User, conversation_id: int, seq: object) -> Me
     last_seq = Conversation.objects.values_list("last_seq", flat=True).get(pk=conversation_id)
     seq = min(seq, last_seq)
     return receipts_advance(
-        conversation_id=conversation_id, user_id=membership.user_id,
-        delivered_seq=seq, read_seq=seq,
+        conversation_id=conversation_id,
+        user_id=membership.user_id,
+        delivered_seq=seq,
+        read_seq=seq,
     )
 
 
@@ -265,7 +276,8 @@ def receipts_advance(
             events.publish_on_commit(
                 events.conversation_group(conversation_id),
                 events.receipt_event(
-                    conversation_id=conversation_id, user_id=user_id,
+                    conversation_id=conversation_id,
+                    user_id=user_id,
                     delivered_seq=membership.last_delivered_seq,
                     read_seq=membership.last_read_seq,
                 ),

@@ -17,7 +17,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent.parent  # services/parley
 
 env = environ.Env()
 
-DEV_SECRET_KEY = "parley-insecure-development-key-do-not-use-in-production"  # noqa: S105
+DEV_SECRET_KEY = "parley-insecure-development-key-do-not-use-in-production"
 
 DEBUG = env.bool("DEBUG", default=True)
 SECRET_KEY = env.str("SECRET_KEY", default=DEV_SECRET_KEY)
@@ -157,7 +157,10 @@ if CHANNEL_LAYER_BACKEND == "core":
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [h["address"] for h in _layer_hosts], "prefix": CHANNEL_LAYER_PREFIX},
+            "CONFIG": {
+                "hosts": [h["address"] for h in _layer_hosts],
+                "prefix": CHANNEL_LAYER_PREFIX,
+            },
         }
     }
 elif CHANNEL_LAYER_BACKEND == "memory":
@@ -185,8 +188,10 @@ CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)
 # --- Auth --------------------------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
-    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator",
-     "OPTIONS": {"min_length": 8}},
+    {
+        "NAME": "django.contrib.auth.password_validation.MinimumLengthValidator",
+        "OPTIONS": {"min_length": 8},
+    },
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]

@@ -21,10 +21,14 @@ def pytest_load_initial_conftests(early_config, parser, args):
     if not os.environ.get("PARLEY_TEST_SERVICES_READY"):
         from parley.embedded import ensure_services
 
-        state = Path(os.environ.get("PARLEY_TEST_STATE_DIR") or tempfile.mkdtemp(prefix="parley-test-"))
+        state = Path(
+            os.environ.get("PARLEY_TEST_STATE_DIR") or tempfile.mkdtemp(prefix="parley-test-")
+        )
         db, rd, stoppers = ensure_services(
             state,
-            database_url=os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/parley"),
+            database_url=os.environ.get(
+                "DATABASE_URL", "postgres://postgres@127.0.0.1:5432/parley"
+            ),
             redis_url=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
         )
         _stoppers.extend(stoppers)

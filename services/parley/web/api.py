@@ -11,7 +11,7 @@ from datetime import datetime
 
 from django.contrib.auth import authenticate
 from django.http import Http404, HttpRequest, JsonResponse
-from ninja import NinjaAPI, Path, Query, Schema
+from ninja import NinjaAPI, Path, Query, Schema, Status
 from ninja.errors import AuthenticationError, HttpError
 from ninja.errors import ValidationError as NinjaValidationError
 from ninja.security import HttpBearer, SessionAuth
@@ -49,6 +49,7 @@ api = NinjaAPI(
 
 # --- errors -------------------------------------------------------------------------
 
+
 def error_response(code: str, detail: str, status: int) -> JsonResponse:
     return JsonResponse({"error": code, "detail": detail}, status=status)
 
@@ -74,8 +75,14 @@ def _auth_error(request, exc):
 
 @api.exception_handler(HttpError)
 def _http_error(request, exc: HttpError):
-    code = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-            405: "method_not_allowed", 429: "rate_limited"}.get(exc.status_code, "error")
+    code = {
+        400: "bad_request",
+        401: "unauthorized",
+        403: "forbidden",
+        404: "not_found",
+        405: "method_not_allowed",
+        429: "rate_limited",
+    }.get(exc.status_code, "error")
     return error_response(code, str(exc) or code, exc.status_code)
 
 
@@ -95,6 +102,7 @@ def api_not_found(request, rest: str = ""):
 
 
 # --- schemas ------------------------------------------------------------------------
+
 
 class UserOut(Schema):
     id: int
@@ -235,6 +243,7 @@ ERRORS = {400: ErrorOut, 401: ErrorOut, 403: ErrorOut, 404: ErrorOut, 409: Error
 
 # --- shaping ------------------------------------------------------------------------
 
+
 def me_json(user) -> dict:
     return {**events.user_json(user), "email": user.email}
 
@@ -250,9 +259,16 @@ def receipt_json(membership) -> dict:
 def conversation_json(item: dict) -> dict:
     conv, membership = item["conversation"], item["membership"]
     return {
-        "id": conv.id, "kind": conv.kind, "name": conv.name, "slug": conv.slug,
-        "topic": conv.topic, "public": conv.is_public, "title": item["title"],
-        "last_seq": item["last_seq"], "unread": item["unread"], "muted": membership.muted,
+        "id": conv.id,
+        "kind": conv.kind,
+        "name": conv.name,
+        "slug": conv.slug,
+        "topic": conv.topic,
+        "public": conv.is_public,
+        "title": item["title"],
+        "last_seq": item["last_seq"],
+        "unread": item["unread"],
+        "muted": membership.muted,
         "member_count": item["member_count"],
         "members": [receipt_json(m) for m in item["members"]],
     }
@@ -263,8 +279,14 @@ def room_json(room, member_count: int | None = None) -> dict:
         member_count = getattr(room, "member_count", None)
         if member_count is None:
             member_count = room.memberships.count()
-    return {"id": room.id, "name": room.name, "slug": room.slug, "topic": room.topic,
-            "public": room.is_public, "member_count": member_count}
+    return {
+        "id": room.id,
+        "name": room.name,
+        "slug": room.slug,
+        "topic": room.topic,
+        "public": room.is_public,
+        "member_count": member_count,
+    }
 
 
 def _conversation_item(user, conversation_id: int) -> dict:
@@ -276,14 +298,17 @@ def _conversation_item(user, conversation_id: int) -> dict:
 
 # --- accounts -----------------------------------------------------------------------
 
+
 @api.post("/accounts", auth=None, response={201: SignupOut, **ERRORS}, tags=["accounts"])
 def signup(request, payload: SignupIn):
     """Sign up (when the server allows it); returns the user and an API token."""
     user = account_services.user_create(
-        username=payload.username, password=payload.password,
-        display_name=payload.display_name, email=payload.email,
+        username=payload.username,
+        password=payload.password,
+        display_name=payload.display_name,
+        email=payload.email,
     )
-    return 201, {"user": me_json(user), "token": account_services.token_create(user=user)}
+    return Status(201, {"user": me_json(user), "token": account_services.token_create(user=user)})
 
 
 @api.post("/auth/token", auth=None, response={200: TokenOut, **ERRORS}, tags=["accounts"])
@@ -291,7 +316,7 @@ def token(request, payload: TokenIn):
     """Exchange a username and password for a bearer token."""
     user = authenticate(request, username=payload.username, password=payload.password)
     if user is None:
-        return 401, {"error": "unauthorized", "detail": "Wrong username or password."}
+        return Status(401, {"error": "unauthorized", "detail": "Wrong username or password."})
     return {"token": account_services.token_create(user=user)}
 
 
@@ -301,6 +326,7 @@ def me(request):
 
 
 # --- conversations ------------------------------------------------------------------
+
 
 @api.get("/conversations", response={200: list[ConversationOut], **ERRORS}, tags=["conversations"])
 def conversations(request):
@@ -313,17 +339,22 @@ ConvId = Path(..., ge=1, le=BIGINT_MAX)
 
 @api.get(
     "/conversations/{conversation_id}/messages",
-    response={200: MessagePageOut, **ERRORS}, tags=["messages"],
+    response={200: MessagePageOut, **ERRORS},
+    tags=["messages"],
 )
 def history(
-    request, conversation_id: int = ConvId,
+    request,
+    conversation_id: int = ConvId,
     after: int | None = Query(None, ge=0, le=BIGINT_MAX),
     before: int | None = Query(None, ge=0, le=BIGINT_MAX),
     limit: int = Query(selectors.PAGE_DEFAULT, ge=1, le=selectors.PAGE_MAX),
 ):
     """A page of history ascending by seq, with cursors to the older and newer pages."""
     page = selectors.message_page(
-        user=request.auth, conversation_id=conversation_id, after=after, before=before,
+        user=request.auth,
+        conversation_id=conversation_id,
+        after=after,
+        before=before,
         limit=limit,
     )
     msgs = page.messages
@@ -339,13 +370,16 @@ def history(
         nxt = f"{base}?before={before_cursor}&limit={limit}" if before_cursor is not None else None
     return {
         "messages": [events.message_json(m) for m in msgs],
-        "before": before_cursor, "after": after_cursor, "next": nxt,
+        "before": before_cursor,
+        "after": after_cursor,
+        "next": nxt,
     }
 
 
 @api.post(
     "/conversations/{conversation_id}/messages",
-    response={200: MessageOut, 201: MessageOut, 429: ErrorOut, **ERRORS}, tags=["messages"],
+    response={200: MessageOut, 201: MessageOut, 429: ErrorOut, **ERRORS},
+    tags=["messages"],
 )
 def send(request, payload: MessageIn, conversation_id: int = ConvId):
     """Send a message. The same client_id again returns the first message with 200."""
@@ -353,16 +387,19 @@ def send(request, payload: MessageIn, conversation_id: int = ConvId):
     selectors.membership_get(user=request.auth, conversation_id=conversation_id)
     message_rate_check(user_id=request.auth.id)
     message, created = services.message_create(
-        sender=request.auth, conversation_id=conversation_id,
-        body=payload.body, client_id=payload.client_id,
+        sender=request.auth,
+        conversation_id=conversation_id,
+        body=payload.body,
+        client_id=payload.client_id,
     )
     if created:
         metrics.messages_sent.labels("http").inc()
-    return (201 if created else 200), events.message_json(message)
+    return Status(201 if created else 200, events.message_json(message))
 
 
 @api.post(
-    "/conversations/{conversation_id}/read", response={200: ReadOut, **ERRORS},
+    "/conversations/{conversation_id}/read",
+    response={200: ReadOut, **ERRORS},
     tags=["receipts"],
 )
 def read(request, payload: ReadIn, conversation_id: int = ConvId):
@@ -370,12 +407,16 @@ def read(request, payload: ReadIn, conversation_id: int = ConvId):
     m = services.membership_mark_read(
         user=request.auth, conversation_id=conversation_id, seq=payload.seq
     )
-    return {"conversation": conversation_id, "last_delivered_seq": m.last_delivered_seq,
-            "last_read_seq": m.last_read_seq}
+    return {
+        "conversation": conversation_id,
+        "last_delivered_seq": m.last_delivered_seq,
+        "last_read_seq": m.last_read_seq,
+    }
 
 
 @api.post(
-    "/conversations/{conversation_id}/mute", response={200: MuteOut, **ERRORS},
+    "/conversations/{conversation_id}/mute",
+    response={200: MuteOut, **ERRORS},
     tags=["conversations"],
 )
 def mute(request, payload: MuteIn, conversation_id: int = ConvId):
@@ -386,7 +427,8 @@ def mute(request, payload: MuteIn, conversation_id: int = ConvId):
 
 
 @api.get(
-    "/conversations/{conversation_id}/members", response={200: list[MemberOut], **ERRORS},
+    "/conversations/{conversation_id}/members",
+    response={200: list[MemberOut], **ERRORS},
     tags=["receipts"],
 )
 def members(request, conversation_id: int = ConvId):
@@ -399,6 +441,7 @@ def members(request, conversation_id: int = ConvId):
 
 # --- rooms and direct conversations -------------------------------------------------
 
+
 @api.get("/rooms", response={200: list[RoomOut], **ERRORS}, tags=["rooms"])
 def rooms(request, q: str = Query("", max_length=100)):
     """Public rooms, optionally filtered by a search term."""
@@ -409,10 +452,13 @@ def rooms(request, q: str = Query("", max_length=100)):
 def room_create(request, payload: RoomIn):
     """Create a room; the creator joins it."""
     room = services.room_create(
-        creator=request.auth, name=payload.name, slug=payload.slug,
-        topic=payload.topic, public=payload.public,
+        creator=request.auth,
+        name=payload.name,
+        slug=payload.slug,
+        topic=payload.topic,
+        public=payload.public,
     )
-    return 201, conversation_json(_conversation_item(request.auth, room.id))
+    return Status(201, conversation_json(_conversation_item(request.auth, room.id)))
 
 
 @api.post("/rooms/{slug}/join", response={200: ConversationOut, **ERRORS}, tags=["rooms"])
@@ -427,26 +473,33 @@ def room_leave(request, slug: str):
     return room_json(room)
 
 
-@api.post("/direct", response={200: ConversationOut, 201: ConversationOut, **ERRORS},
-          tags=["conversations"])
+@api.post(
+    "/direct",
+    response={200: ConversationOut, 201: ConversationOut, **ERRORS},
+    tags=["conversations"],
+)
 def direct(request, payload: DirectIn):
     """Get or create the direct conversation with another user."""
     conv, created = services.direct_get_or_create(user=request.auth, username=payload.username)
-    return (201 if created else 200), conversation_json(_conversation_item(request.auth, conv.id))
+    return Status(
+        201 if created else 200, conversation_json(_conversation_item(request.auth, conv.id))
+    )
 
 
-@api.get("/notifications", response={200: list[NotificationOut], **ERRORS},
-         tags=["notifications"])
+@api.get("/notifications", response={200: list[NotificationOut], **ERRORS}, tags=["notifications"])
 def notifications(request):
     """The caller's notifications, newest first."""
     return [
         {
-            "id": n.id, "conversation": n.conversation_id,
+            "id": n.id,
+            "conversation": n.conversation_id,
             "conversation_title": n.conversation.name or "Direct message",
-            "first_seq": n.first_seq, "last_seq": n.last_seq,
-            "message_count": n.message_count, "created_at": n.created_at,
-            "updated_at": n.updated_at, "open": n.closed_at is None,
+            "first_seq": n.first_seq,
+            "last_seq": n.last_seq,
+            "message_count": n.message_count,
+            "created_at": n.created_at,
+            "updated_at": n.updated_at,
+            "open": n.closed_at is None,
         }
         for n in selectors.notification_list(user=request.auth)
     ]
-

@@ -40,9 +40,14 @@ class RequestLogMiddleware:
             user_id = user.pk if user is not None and user.is_authenticated else None
             if request.path not in QUIET_PATHS or status >= 400:
                 logger.info(
-                    "%s %s %s", request.method, request.path, status,
+                    "%s %s %s",
+                    request.method,
+                    request.path,
+                    status,
                     extra={
-                        "method": request.method, "path": request.path, "status": status,
+                        "method": request.method,
+                        "path": request.path,
+                        "status": status,
                         "duration_ms": round(elapsed * 1000, 2),
                         "user_id": user_id,
                     },

@@ -30,7 +30,9 @@ def test_concurrent_processes_get_gapless_unique_seqs(room, alice, bob):
     for proc in procs:
         proc.join(120)
         assert proc.exitcode == 0
-    seqs = list(Message.objects.filter(conversation=room).order_by("seq").values_list("seq", flat=True))
+    seqs = list(
+        Message.objects.filter(conversation=room).order_by("seq").values_list("seq", flat=True)
+    )
     assert seqs == list(range(1, nprocs * per_proc + 1))
     room.refresh_from_db()
     assert room.last_seq == nprocs * per_proc
@@ -50,7 +52,9 @@ def test_retry_with_same_client_id_returns_first_message(room, alice):
 
 def test_same_client_id_from_another_sender_is_independent(room, alice, bob):
     a, _ = services.message_create(sender=alice, conversation_id=room.id, body="a", client_id="x")
-    b, created = services.message_create(sender=bob, conversation_id=room.id, body="b", client_id="x")
+    b, created = services.message_create(
+        sender=bob, conversation_id=room.id, body="b", client_id="x"
+    )
     assert created and a.id != b.id and (a.seq, b.seq) == (1, 2)
 
 
@@ -71,8 +75,14 @@ def test_non_member_cannot_send(room, carol):
 
 @pytest.mark.parametrize(
     ("body", "error"),
-    [("", BadRequest), ("   ", BadRequest), (None, BadRequest), (5, BadRequest),
-     ("x" * 4001, TooLong), ("nul\x00", BadRequest)],
+    [
+        ("", BadRequest),
+        ("   ", BadRequest),
+        (None, BadRequest),
+        (5, BadRequest),
+        ("x" * 4001, TooLong),
+        ("nul\x00", BadRequest),
+    ],
 )
 def test_invalid_bodies_are_refused_and_nothing_is_written(room, alice, body, error):
     with pytest.raises(error):
