@@ -71,19 +71,14 @@ class ApiClient:
         if user is not None:
             self.headers["Authorization"] = f"Bearer {token_create(user=user)}"
 
-    def _call(self, method: str, path: str, data=None, **kw):
+    def _call(self, method: str, path: str, data=None, headers=None, **kw):
         fn = getattr(self.client, method)
-        if method in ("post", "put", "patch") and not isinstance(data, (str, bytes)):
-            return fn(
-                path,
-                data=data if data is not None else {},
-                content_type="application/json",
-                headers=self.headers,
-                **kw,
-            )
+        headers = {**self.headers, **(headers or {})}
         if method in ("post", "put", "patch"):
-            return fn(path, data=data, content_type="application/json", headers=self.headers, **kw)
-        return fn(path, data=data, headers=self.headers, **kw)
+            if data is None:
+                data = {}
+            return fn(path, data=data, content_type="application/json", headers=headers, **kw)
+        return fn(path, data=data, headers=headers, **kw)
 
     def get(self, path, data=None, **kw):
         return self._call("get", path, data, **kw)
