@@ -15,10 +15,13 @@ import signal
 import socket
 import subprocess
 import time
+import warnings
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 logger = logging.getLogger(__name__)
+# pgserver asks platformdirs for a runtime dir at import; its fallback warning is noise here.
+warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
 
 
 def free_port() -> int:
