@@ -68,6 +68,7 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    "parley.web.middleware.ProbeMiddleware",
     "parley.web.middleware.RequestLogMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
@@ -139,26 +140,41 @@ CHANNEL_LAYER_BACKEND = env.str("CHANNEL_LAYER_BACKEND", default="pubsub")
 # Pub/sub channels are global to a Redis server (not per database number): deployments
 # that share one Redis must use different prefixes.
 CHANNEL_LAYER_PREFIX = env.str("CHANNEL_LAYER_PREFIX", default="parley")
-# Several hosts shard groups across Redis servers; comma-separated URLs.
-_layer_hosts = [
-    {
-        "address": url,
-        # redis-py's default 5 s socket timeout equals channels_redis' 5 s blocking
-        # read, which crashes idle readers (redis-py #4091): keep it well above.
-        "socket_timeout": env.float("CHANNEL_LAYER_SOCKET_TIMEOUT", default=30.0),
-        "socket_connect_timeout": 5,
-        "health_check_interval": 15,
-        "socket_keepalive": True,
-    }
-    for url in CHANNEL_LAYER_URL.split(",")
-    if url.strip()
-]
+# Several hosts shard groups across Redis servers: comma-separated URLs. Or Redis
+# Sentinel for failover: CHANNEL_LAYER_SENTINELS=host:port,host:port plus the master name.
+_layer_socket = {
+    # redis-py's default 5 s socket timeout equals channels_redis' 5 s blocking read,
+    # which crashes idle readers (redis-py #4091): keep it well above.
+    "socket_timeout": env.float("CHANNEL_LAYER_SOCKET_TIMEOUT", default=30.0),
+    "socket_connect_timeout": 5,
+    "health_check_interval": 15,
+    "socket_keepalive": True,
+}
+CHANNEL_LAYER_SENTINELS = env.list("CHANNEL_LAYER_SENTINELS", default=[])
+if CHANNEL_LAYER_SENTINELS:
+    _layer_hosts = [
+        {
+            "sentinels": [
+                (h.rsplit(":", 1)[0], int(h.rsplit(":", 1)[1]) if ":" in h else 26379)
+                for h in CHANNEL_LAYER_SENTINELS
+            ],
+            "master_name": env.str("CHANNEL_LAYER_SENTINEL_MASTER", default="mymaster"),
+            "password": env.str("CHANNEL_LAYER_SENTINEL_PASSWORD", default="") or None,
+            **_layer_socket,
+        }
+    ]
+else:
+    _layer_hosts = [
+        {"address": url.strip(), **_layer_socket}
+        for url in CHANNEL_LAYER_URL.split(",")
+        if url.strip()
+    ]
 if CHANNEL_LAYER_BACKEND == "core":
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
             "CONFIG": {
-                "hosts": [h["address"] for h in _layer_hosts],
+                "hosts": _layer_hosts,
                 "prefix": CHANNEL_LAYER_PREFIX,
             },
         }
@@ -183,6 +199,8 @@ CACHES = {
 }
 
 # --- Celery ------------------------------------------------------------------
+# With a sentinel:// broker URL (several separated by ";"), the master's name.
+CELERY_BROKER_SENTINEL_MASTER = env.str("CELERY_BROKER_SENTINEL_MASTER", default="")
 CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)
 
 # --- Auth --------------------------------------------------------------------

@@ -15,6 +15,27 @@ _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
+class ProbeMiddleware:
+    """Answers /healthz, /readyz and /metrics before host validation and SSL redirects.
+
+    Kubelet probes and Prometheus address a pod by its IP, which is not (and should not
+    be) in ALLOWED_HOSTS; these endpoints reveal nothing that depends on the host.
+    """
+
+    def __init__(self, get_response):
+        from parley.web import health
+
+        self.get_response = get_response
+        self.views = {"/healthz": health.healthz, "/readyz": health.readyz,
+                      "/metrics": health.metrics}
+
+    def __call__(self, request):
+        view = self.views.get(request.path_info)
+        if view is not None and request.method in ("GET", "HEAD"):
+            return view(request)
+        return self.get_response(request)
+
+
 class RequestLogMiddleware:
     def __init__(self, get_response):
         self.get_response = get_response
