@@ -9,7 +9,7 @@ from django.db.models.functions import Greatest
 from django.utils.text import slugify
 
 from parley.accounts.models import User
-from parley.chat import events
+from parley.chat import events, notifications
 from parley.chat.errors import BadRequest, Conflict, NotFound, TooLong
 from parley.chat.models import Conversation, Membership, Message
 
@@ -79,6 +79,8 @@ def message_create(
                 events.conversation_group(conversation_id),
                 events.message_event(message, sender),
             )
+            # Offline members' notifications: one coalesced worker pass per conversation.
+            notifications.notify_on_commit(conversation_id=conversation_id)
     except IntegrityError:
         # A concurrent retry with the same client_id won the unique constraint.
         existing = client_id and _message_by_client_id(sender=sender, client_id=client_id)
@@ -240,12 +242,16 @@ def membership_mark_read(*, user: User, conversation_id: int, seq: object) -> Me
     membership = _membership_for_update(user=user, conversation_id=conversation_id)
     last_seq = Conversation.objects.values_list("last_seq", flat=True).get(pk=conversation_id)
     seq = min(seq, last_seq)
-    return receipts_advance(
-        conversation_id=conversation_id,
-        user_id=membership.user_id,
-        delivered_seq=seq,
-        read_seq=seq,
-    )
+    with transaction.atomic():
+        membership = receipts_advance(
+            conversation_id=conversation_id,
+            user_id=membership.user_id,
+            delivered_seq=seq,
+            read_seq=seq,
+        )
+        # Reading the conversation ends its notification burst.
+        notifications.burst_close(user_id=user.id, conversation_id=conversation_id, read_seq=seq)
+    return membership
 
 
 def receipts_advance(
