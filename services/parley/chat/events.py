@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import orjson
+import redis
 from django.db import transaction
 
 logger = logging.getLogger(__name__)
@@ -132,7 +133,6 @@ class _Publisher:
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pid: int | None = None
-        self._pending: set[asyncio.Future] = set()
 
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         with self._lock:
@@ -155,9 +155,19 @@ class _Publisher:
         layer = get_channel_layer()
         if layer is None:
             return None
-        fut = asyncio.run_coroutine_threadsafe(layer.group_send(group, event), self._get_loop())
+        fut = asyncio.run_coroutine_threadsafe(_send(layer, group, event), self._get_loop())
         fut.add_done_callback(_log_failure)
         return fut
+
+
+async def _send(layer, group: str, event: dict[str, Any]) -> None:
+    # After a Redis restart the first command on a pooled connection fails with
+    # ConnectionError while the pool reconnects; one retry gets it through.
+    try:
+        await layer.group_send(group, event)
+    except (ConnectionError, OSError, redis.ConnectionError):
+        await asyncio.sleep(0.05)
+        await layer.group_send(group, event)
 
 
 def _log_failure(fut) -> None:

@@ -103,6 +103,11 @@ app.conf.update(
     broker_pool_limit=env.int("CELERY_BROKER_POOL_LIMIT", default=10),
 )
 
+# With Redis Sentinel, CELERY_BROKER_URL=sentinel://:pw@h1:26379;sentinel://:pw@h2:26379
+# and the master's name here.
+if env.str("CELERY_BROKER_SENTINEL_MASTER", default=""):
+    app.conf.broker_transport_options["master_name"] = env.str("CELERY_BROKER_SENTINEL_MASTER")
+
 app.autodiscover_tasks()
 
 

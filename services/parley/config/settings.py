@@ -199,8 +199,6 @@ CACHES = {
 }
 
 # --- Celery ------------------------------------------------------------------
-# With a sentinel:// broker URL (several separated by ";"), the master's name.
-CELERY_BROKER_SENTINEL_MASTER = env.str("CELERY_BROKER_SENTINEL_MASTER", default="")
 CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)
 
 # --- Auth --------------------------------------------------------------------
