@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import redis
+import redis.asyncio as aioredis
 from django.conf import settings
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from parley.chat.errors import RateLimited
 
@@ -18,10 +22,39 @@ def redis_client() -> redis.Redis:
     global _client
     if _client is None:
         _client = redis.Redis.from_url(
-            settings.REDIS_URL, socket_timeout=5, socket_connect_timeout=5,
+            settings.REDIS_URL,
+            socket_timeout=5,
+            socket_connect_timeout=5,
             health_check_interval=30,
         )
     return _client
+
+
+_async_clients: dict[int, tuple[asyncio.AbstractEventLoop, aioredis.Redis]] = {}
+
+
+def async_redis_client() -> aioredis.Redis:
+    """The asyncio twin of `redis_client`, one per event loop (connections belong to a loop).
+
+    Short timeouts and a single retry (a pooled connection may be stale after a Redis
+    restart): callers on a socket's path fail fast rather than wait on a sick Redis.
+    """
+    loop = asyncio.get_running_loop()
+    entry = _async_clients.get(id(loop))
+    if entry is not None and entry[0] is loop:
+        return entry[1]
+    for key, (other, _) in list(_async_clients.items()):
+        if other.is_closed():
+            del _async_clients[key]
+    client = aioredis.Redis.from_url(
+        settings.REDIS_URL,
+        socket_timeout=2,
+        socket_connect_timeout=2,
+        health_check_interval=30,
+        retry=Retry(NoBackoff(), 1),
+    )
+    _async_clients[id(loop)] = (loop, client)
+    return client
 
 
 def rate_key(user_id: int, now: float) -> str:
@@ -44,6 +77,24 @@ def message_rate_check(*, user_id: int) -> None:
         pipe.expire(key, WINDOW_SECONDS + 1)
         count, _ = pipe.execute()
     except redis.RedisError:
+        return
+    if count > limit:
+        raise RateLimited(f"At most {limit} messages per {WINDOW_SECONDS} s; slow down.")
+
+
+async def message_rate_check_async(*, user_id: int) -> None:
+    """`message_rate_check` for async callers (the realtime service): same keys, so one
+    limit per user holds across HTTP and WebSocket sends on every replica."""
+    limit = settings.PARLEY_RATE_MESSAGES_PER_10S
+    if limit <= 0:
+        return
+    key = rate_key(user_id, time.time())
+    try:
+        pipe = async_redis_client().pipeline(transaction=False)
+        pipe.incr(key)
+        pipe.expire(key, WINDOW_SECONDS + 1)
+        count, _ = await pipe.execute()
+    except (TimeoutError, redis.RedisError, OSError):
         return
     if count > limit:
         raise RateLimited(f"At most {limit} messages per {WINDOW_SECONDS} s; slow down.")

@@ -1,0 +1,552 @@
+"""The chat WebSocket: one socket carries all of a user's conversations.
+
+The consumer authenticates (scope prepared by parley.realtime.auth), manages groups,
+validates frames and relays events; writes and reads go through parley.chat services
+and selectors on the database threads (parley.realtime.db).
+
+Ordering: channels dispatches one event at a time per socket, so a socket sees its
+events in the order its node received them. That is not always seq order (two
+processes commit seq 5 and 6 and publish 6 first), so each socket keeps, per
+conversation, the last seq it wrote: the next one goes out at once, a later one waits
+(up to REALTIME_GAP_WAIT_SECONDS) for the missing ones, which are then read from
+Postgres, and an older one (a duplicate) is dropped. A client therefore sees every
+conversation's messages in seq order with no gap, as long as the live path holds; when
+it does not (the node resyncs, see node.py) the socket is closed and the client resumes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from datetime import datetime
+
+import orjson
+from channels.exceptions import StopConsumer
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.db import Error as DatabaseError
+
+from parley.chat import events, receipts, selectors, services
+from parley.chat.errors import BadRequest, DomainError, NotFound, Unavailable
+from parley.chat.ratelimit import message_rate_check_async
+from parley.realtime import conf, frames, metrics, queries
+from parley.realtime.db import db
+from parley.realtime.node import get_node
+
+logger = logging.getLogger(__name__)
+
+CLOSE_UNAUTHENTICATED = 4401
+CLOSE_FORBIDDEN_ORIGIN = 4403
+CLOSE_SERVICE_RESTART = 1012  # drain: reconnect (to another replica)
+CLOSE_RESYNC = 1011  # the node may have missed events: reconnect and resume
+CLOSE_TOO_SLOW = 1013  # Try Again Later: the client fell too far behind; resume
+SEND_WORKER = "parley-send-worker"
+
+
+class ConversationState:
+    """What one socket knows about one conversation."""
+
+    __slots__ = ("pending", "read", "sent", "timer")
+
+    def __init__(self, sent: int) -> None:
+        self.sent = sent  # highest seq written to the socket (or known to the client)
+        self.pending: dict[int, dict] = {}  # events that arrived ahead of a missing seq
+        self.timer: asyncio.TimerHandle | None = None
+        self.read = 0  # highest read seq recorded from this socket
+
+
+def _id_field(frame: dict, name: str) -> int:
+    value = frame.get(name)
+    if type(value) is not int or value <= 0:
+        raise BadRequest(f"{name} must be a positive integer.")
+    return value
+
+
+def _seq_field(frame: dict, name: str) -> int:
+    value = frame.get(name)
+    if type(value) is not int or value < 0:
+        raise BadRequest(f"{name} must be a non-negative integer.")
+    return value
+
+
+def _published_at(event: dict) -> float | None:
+    ts = event.get("ts")
+    if isinstance(ts, (int, float)):
+        return float(ts)
+    # Without a publish time, the message's created_at (the last field of its frame).
+    text = event.get("frame", "")
+    i = text.rfind('"created_at":"')
+    if i < 0:
+        return None
+    try:
+        return datetime.fromisoformat(text[i + 14 : text.index('"', i + 14)]).timestamp()
+    except ValueError:
+        return None
+
+
+class ChatConsumer(AsyncWebsocketConsumer):
+    user = None
+    user_id = 0
+    closing = False
+    presence_field: str | None = None
+    connected_at = 0.0
+
+    # --- connect and disconnect ----------------------------------------------------------
+
+    async def websocket_connect(self, message) -> None:
+        self.node = get_node()
+        await self.node.start()
+        self.conversations: dict[int, ConversationState] = {}
+        # A socket's sends are committed one after the other, in the order they came:
+        # two quick messages from one client keep their order in the conversation.
+        self.sends: asyncio.Queue | None = None
+        self.send_worker: asyncio.Task | None = None
+        self.order = asyncio.Lock()
+        self.tokens, self.tokens_at = float(conf.FRAME_BURST), time.monotonic()
+        self.presence_seen: dict[int, str] = {}
+        self.close_code: int | None = None
+
+        reject = self.scope.get("parley_reject")
+        user = self.scope.get("user")
+        if reject is None and (user is None or not user.is_authenticated):
+            reject = CLOSE_UNAUTHENTICATED
+        if reject is None and self.node.draining:
+            reject = CLOSE_SERVICE_RESTART
+        if reject is not None:
+            # Accept, then close: a browser only sees a close code after a handshake.
+            outcome = {4401: "unauthenticated", 4403: "forbidden_origin"}.get(reject, "draining")
+            metrics.handshakes.labels(outcome).inc()
+            await self.accept()
+            await self.close(code=reject)
+            return
+
+        self.user, self.user_id = user, user.id
+        try:
+            await self._join_groups()
+        except Exception:
+            logger.exception("socket setup failed for user %s", self.user_id)
+            await self._leave_groups()
+            self.user = None
+            metrics.handshakes.labels("failed").inc()
+            await self.accept()
+            await self.close(code=CLOSE_RESYNC)
+            return
+        await self.accept()
+        self.connected_at = time.monotonic()
+        self.presence_field = self.node.presence_field()
+        self.node.register(self)
+        metrics.handshakes.labels("accepted").inc()
+        await self._write(
+            frames.hello(
+                user=self.user,
+                node=self.node.id,
+                conversations=[(cid, st.sent) for cid, st in self.conversations.items()],
+            ),
+            "hello",
+        )
+        self.node.spawn(self.node.socket_online(self))
+
+    async def _join_groups(self) -> None:
+        """Subscribe, then read: every message committed after the read that `hello`
+        reports is published after the subscription, so the socket receives it."""
+        layer = self.channel_layer
+        await layer.group_add(events.user_group(self.user_id), self.channel_name)
+        self.node.hook_layer()
+        before = await db(selectors.conversation_ids_for_user)(user_id=self.user_id)
+        for cid, _ in before:
+            await layer.group_add(events.conversation_group(cid), self.channel_name)
+        rows = await db(selectors.conversation_ids_for_user)(user_id=self.user_id)
+        known = {cid for cid, _ in before}
+        for cid, _ in rows:
+            if cid not in known:
+                await layer.group_add(events.conversation_group(cid), self.channel_name)
+        self.conversations = {cid: ConversationState(last_seq) for cid, last_seq in rows}
+        for cid in known - self.conversations.keys():
+            await layer.group_discard(events.conversation_group(cid), self.channel_name)
+
+    async def _leave_groups(self) -> None:
+        layer = self.channel_layer
+        for cid in list(self.conversations):
+            try:
+                await layer.group_discard(events.conversation_group(cid), self.channel_name)
+            except Exception:  # noqa: S112 - leaving; the layer forgets anyway
+                continue
+        with contextlib.suppress(Exception):
+            await layer.group_discard(events.user_group(self.user_id), self.channel_name)
+
+    async def websocket_disconnect(self, message) -> None:
+        if self.user is not None:
+            self.node.unregister(self)
+            if self.send_worker is not None:
+                # What was taken in is committed (its ack cannot be written any more; the
+                # client retries with the same client_id and gets the same message).
+                self.node.spawn(self._finish_sends())
+            for st in self.conversations.values():
+                if st.timer is not None:
+                    st.timer.cancel()
+            # A socket the server closed for drain or resync reconnects at once: keep its
+            # presence for a grace period instead of flapping offline/online.
+            reconnecting = self.close_code in (CLOSE_SERVICE_RESTART, CLOSE_RESYNC, CLOSE_TOO_SLOW)
+            await self.node.socket_offline(self, reconnecting=reconnecting)
+            await self._leave_groups()
+        raise StopConsumer
+
+    async def _finish_sends(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.sends.join(), timeout=30)
+        self.send_worker.cancel()
+
+    def server_close(self, code: int) -> asyncio.Task | None:
+        """Close from the server side (drain, resync); returns the closing task."""
+        if self.closing or self.user is None:
+            return None
+        self.closing = True
+        return self.node.spawn(self._server_close(code))
+
+    def shed(self) -> None:
+        """Stop queueing events for this socket (it does not keep up) and close it."""
+        if self.closing or self.user is None:
+            return
+        for cid in list(self.conversations):
+            self.node.spawn(
+                self.channel_layer.group_discard(events.conversation_group(cid), self.channel_name)
+            )
+        self.node.spawn(
+            self.channel_layer.group_discard(events.user_group(self.user_id), self.channel_name)
+        )
+        self.server_close(CLOSE_TOO_SLOW)
+
+    async def _server_close(self, code: int) -> None:
+        if self.sends is not None and not self.sends.empty():
+            # Let the sends already taken in get committed and acked first.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.sends.join(), timeout=2)
+        self.close_code = code
+        metrics.closes.labels(str(code)).inc()
+        with contextlib.suppress(Exception):  # already gone
+            await self.close(code=code)
+
+    # --- frames from the client ----------------------------------------------------------
+
+    async def websocket_receive(self, message) -> None:
+        if self.user is None:
+            return
+        text = message.get("text")
+        if text is None:
+            metrics.frames_in.labels("invalid").inc()
+            await self._error("bad_request", "Frames must be JSON text.")
+            return
+        try:
+            frame = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            metrics.frames_in.labels("invalid").inc()
+            await self._error("bad_request", "Malformed JSON.")
+            return
+        if type(frame) is not dict:
+            metrics.frames_in.labels("invalid").inc()
+            await self._error("bad_request", "A frame must be a JSON object.")
+            return
+        ftype = frame.get("type")
+        handler = HANDLERS.get(ftype) if type(ftype) is str else None
+        client_id = frame.get("client_id")
+        if handler is None:
+            metrics.frames_in.labels("unknown").inc()
+            await self._error("bad_request", "Unknown or missing frame type.", client_id)
+            return
+        metrics.frames_in.labels(ftype).inc()
+        if ftype != "send" and not self._take_token():
+            await self._error("rate_limited", "Too many frames; slow down.", client_id)
+            return
+        try:
+            await handler(self, frame)
+        except DomainError as exc:
+            await self._error(exc.code, exc.detail, client_id)
+
+    def _take_token(self) -> bool:
+        now = time.monotonic()
+        tokens = min(conf.FRAME_BURST, self.tokens + (now - self.tokens_at) * conf.FRAME_RATE)
+        self.tokens_at = now
+        if tokens < 1:
+            self.tokens = tokens
+            return False
+        self.tokens = tokens - 1
+        return True
+
+    async def on_send(self, frame: dict) -> None:
+        started = time.monotonic()
+        conversation_id = _id_field(frame, "conversation")
+        client_id = frame.get("client_id")
+        if type(client_id) is not str:
+            raise BadRequest("client_id must be a string.")
+        body, client_id = services.message_validate(body=frame.get("body"), client_id=client_id)
+        if self.sends is None:
+            self.sends = asyncio.Queue(maxsize=conf.MAX_QUEUED_SENDS)
+            self.send_worker = self.node.spawn(self._send_worker(), name=SEND_WORKER)
+        # A full queue stops reading this socket until a send completes (back-pressure).
+        await self.sends.put((conversation_id, body, client_id, started))
+
+    async def _send_worker(self) -> None:
+        while True:
+            conversation_id, body, client_id, started = await self.sends.get()
+            try:
+                await self._send(conversation_id, body, client_id, started)
+            finally:
+                self.sends.task_done()
+
+    async def _send(self, conversation_id: int, body: str, client_id: str, started: float):
+        try:
+            await message_rate_check_async(user_id=self.user_id)
+            message, _ = await db(services.message_create)(
+                sender=self.user,
+                conversation_id=conversation_id,
+                body=body,
+                client_id=client_id,
+            )
+        except DomainError as exc:
+            await self._error(exc.code, exc.detail, client_id)
+            return
+        except DatabaseError as exc:
+            logger.warning("send failed: %r", exc)
+            await self._error("unavailable", Unavailable.__doc__, client_id)
+            return
+        except Exception:
+            logger.exception("send failed")
+            await self._error("unavailable", Unavailable.__doc__, client_id)
+            return
+        await self._write(
+            frames.ack(
+                client_id=client_id,
+                conversation_id=conversation_id,
+                seq=message.seq,
+                message_id=message.id,
+            ),
+            "ack",
+        )
+        metrics.send_ack_seconds.observe(time.monotonic() - started)
+
+    async def on_resume(self, frame: dict) -> None:
+        conversation_id = _id_field(frame, "conversation")
+        after = _seq_field(frame, "after")
+        if conversation_id not in self.conversations:
+            raise NotFound("No such conversation, or you are not a member.")
+        try:
+            rows, last_seq, more = await db(queries.resume_frames)(
+                user=self.user,
+                conversation_id=conversation_id,
+                after=after,
+                limit=conf.RESUME_MAX,
+            )
+        except DatabaseError as exc:
+            logger.warning("resume failed: %r", exc)
+            raise Unavailable() from None
+        async with self.order:
+            st = self.conversations.get(conversation_id)
+            if st is None:
+                raise NotFound("No such conversation, or you are not a member.")
+            for _, text in rows:
+                await self._write(text, "message")
+            top = rows[-1][0] if rows else 0  # never trust `after` to move the stream
+            # With more to page over HTTP, the live stream continues after last_seq.
+            st.sent = max(st.sent, last_seq if more else top)
+            await self._write(
+                frames.resumed(conversation_id=conversation_id, last_seq=last_seq, more=more),
+                "resumed",
+            )
+            await self._flush_pending(conversation_id, st)
+
+    async def on_read(self, frame: dict) -> None:
+        conversation_id = _id_field(frame, "conversation")
+        seq = _seq_field(frame, "seq")
+        st = self.conversations.get(conversation_id)
+        if st is None:
+            raise NotFound("No such conversation, or you are not a member.")
+        seq = min(seq, st.sent)  # nobody reads what does not exist yet
+        if seq <= st.read:
+            return
+        st.read = seq
+        self.node.spawn(self._record_read(conversation_id, seq))
+
+    async def _record_read(self, conversation_id: int, seq: int) -> None:
+        try:
+            await receipts.record_read(
+                conversation_id=conversation_id, user_id=self.user_id, seq=seq
+            )
+        except Exception as exc:
+            logger.warning("read receipt not recorded: %r", exc)
+            st = self.conversations.get(conversation_id)
+            if st is not None and st.read == seq:
+                st.read = 0  # let the client's retry through
+            await self._error("unavailable", "The read was not recorded; send it again.")
+
+    async def on_typing(self, frame: dict) -> None:
+        conversation_id = _id_field(frame, "conversation")
+        if conversation_id not in self.conversations:
+            raise NotFound("No such conversation, or you are not a member.")
+        if not self.node.typing_allowed(self.user_id, conversation_id):
+            return
+        try:
+            await self.channel_layer.group_send(
+                events.conversation_group(conversation_id),
+                frames.typing_event(conversation_id=conversation_id, user=self.user),
+            )
+        except Exception as exc:
+            logger.debug("typing not published: %r", exc)
+
+    async def on_ping(self, frame: dict) -> None:
+        await self._write(frames.PONG, "pong")
+
+    # --- events from the channel layer ---------------------------------------------------
+
+    async def chat_frame(self, event: dict) -> None:
+        kind = event.get("kind")
+        if kind == "message":
+            await self._relay_message(event)
+            return
+        conversation_id = event.get("conversation")
+        if conversation_id is not None and conversation_id not in self.conversations:
+            return  # left meanwhile
+        if kind == "typing":
+            if event.get("sender") == self.user_id:
+                return
+        elif kind == "presence":
+            # A user sharing several conversations with us is announced in each.
+            user_id, status = event.get("user"), event.get("status")
+            if self.presence_seen.get(user_id) == status:
+                return
+            self.presence_seen[user_id] = status
+        await self._write(event["frame"], kind or "event")
+
+    async def chat_membership(self, event: dict) -> None:
+        conversation_id, change = event["conversation"], event["event"]
+        group = events.conversation_group(conversation_id)
+        if change == "joined":
+            if conversation_id not in self.conversations:
+                await self.channel_layer.group_add(group, self.channel_name)
+                try:
+                    membership = await db(selectors.membership_get)(
+                        user=self.user, conversation_id=conversation_id
+                    )
+                except NotFound:  # left again already
+                    await self.channel_layer.group_discard(group, self.channel_name)
+                    return
+                self.conversations[conversation_id] = ConversationState(
+                    membership.conversation.last_seq
+                )
+        elif change == "left":
+            st = self.conversations.pop(conversation_id, None)
+            if st is not None:
+                if st.timer is not None:
+                    st.timer.cancel()
+                await self.channel_layer.group_discard(group, self.channel_name)
+        await self._write(event["frame"], "membership")
+
+    async def _relay_message(self, event: dict) -> None:
+        conversation_id = event["conversation"]
+        st = self.conversations.get(conversation_id)
+        if st is None:
+            return
+        seq = event["seq"]
+        if seq <= st.sent:
+            return  # a duplicate, or already replayed by resume
+        async with self.order:
+            if seq <= st.sent or self.conversations.get(conversation_id) is not st:
+                return
+            if seq == st.sent + 1 and not st.pending:
+                st.sent = seq
+                await self._deliver(conversation_id, event)
+                return
+            st.pending[seq] = event
+            await self._flush_pending(conversation_id, st)
+
+    async def _flush_pending(self, conversation_id: int, st: ConversationState) -> None:
+        """Write the held events that are now next in line; arm the gap timer if a gap
+        remains. Called with self.order held."""
+        pending = st.pending
+        if not pending:
+            return
+        while st.sent + 1 in pending:
+            st.sent += 1
+            await self._deliver(conversation_id, pending.pop(st.sent))
+        for seq in [s for s in pending if s <= st.sent]:
+            del pending[seq]
+        if not pending:
+            if st.timer is not None:
+                st.timer.cancel()
+                st.timer = None
+        elif st.timer is None:
+            st.timer = asyncio.get_running_loop().call_later(
+                conf.GAP_WAIT_SECONDS, self._gap_timeout, conversation_id, st
+            )
+
+    def _gap_timeout(self, conversation_id: int, st: ConversationState) -> None:
+        st.timer = None
+        if self.conversations.get(conversation_id) is st and st.pending:
+            self.node.spawn(self._fill_gap(conversation_id, st))
+
+    async def _fill_gap(self, conversation_id: int, st: ConversationState) -> None:
+        """Read the messages a socket is missing from Postgres (once per node)."""
+        after, before = st.sent, min(st.pending)
+        try:
+            rows = await self.node.message_frames_between(conversation_id, after, before)
+        except Exception as exc:
+            logger.warning("gap fill failed: %r", exc)
+            rows = []
+        async with self.order:
+            if self.conversations.get(conversation_id) is not st or not st.pending:
+                return
+            progressed = False
+            for seq, sender, text in rows:
+                if seq == st.sent + 1:
+                    st.sent = seq
+                    metrics.gap_fills.inc()
+                    await self._deliver(
+                        conversation_id, {"seq": seq, "sender": sender, "frame": text}
+                    )
+                    progressed = True
+            if not progressed and st.sent + 1 not in st.pending:
+                # Postgres has nothing to fill it with (or did not answer): write what we
+                # hold so that the client sees the gap and resumes.
+                for seq in sorted(st.pending):
+                    st.sent = seq
+                    await self._deliver(conversation_id, st.pending.pop(seq))
+            await self._flush_pending(conversation_id, st)
+
+    async def _deliver(self, conversation_id: int, event: dict) -> None:
+        if not await self._write(event["frame"]):
+            return
+        metrics.FRAMES_OUT_MESSAGE.inc()
+        published = _published_at(event)
+        if published is not None:
+            metrics.delivery_seconds.observe(max(time.time() - published, 0.0))
+        if event.get("sender") != self.user_id:
+            try:
+                await receipts.record_delivery(
+                    conversation_id=conversation_id, user_id=self.user_id, seq=event["seq"]
+                )
+            except Exception as exc:
+                logger.warning("delivery receipt not recorded: %r", exc)
+
+    # --- writing ---------------------------------------------------------------------------
+
+    async def _write(self, text: str, kind: str | None = None) -> bool:
+        try:
+            await self.base_send({"type": "websocket.send", "text": text})
+        except Exception:
+            return False
+        if kind is not None:
+            metrics.frames_out.labels(kind).inc()
+        return True
+
+    async def _error(self, code: str, detail: str, client_id=None) -> None:
+        metrics.errors.labels(code if code in frames.ERROR_CODES else "bad_request").inc()
+        await self._write(frames.error(code, detail, client_id), "error")
+
+
+HANDLERS = {
+    "send": ChatConsumer.on_send,
+    "resume": ChatConsumer.on_resume,
+    "read": ChatConsumer.on_read,
+    "typing": ChatConsumer.on_typing,
+    "ping": ChatConsumer.on_ping,
+}

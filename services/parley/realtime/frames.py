@@ -1,0 +1,84 @@
+"""Frames only the realtime service produces (hello, ack, error, pong, resumed, typing,
+presence). Frames that other services also publish (message, receipt, membership) are
+built in parley.chat.events. docs/protocol.md is the catalogue of both.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from parley.chat import events
+
+PONG = events.dumps({"type": "pong"})
+
+# SPEC's error codes; domain codes outside it are reported as bad_request.
+ERROR_CODES = frozenset(
+    {"bad_request", "forbidden", "not_found", "too_long", "rate_limited", "unavailable"}
+)
+
+
+def hello(*, user, node: str, conversations: list[tuple[int, int]]) -> str:
+    return events.dumps(
+        {
+            "type": "hello",
+            "user": events.user_json(user),
+            "node": node,
+            "conversations": [{"id": cid, "last_seq": last} for cid, last in conversations],
+        }
+    )
+
+
+def ack(*, client_id: str, conversation_id: int, seq: int, message_id: int) -> str:
+    return events.dumps(
+        {
+            "type": "ack",
+            "client_id": client_id,
+            "conversation": conversation_id,
+            "seq": seq,
+            "id": message_id,
+        }
+    )
+
+
+def error(code: str, detail: str, client_id: Any = None) -> str:
+    if code not in ERROR_CODES:
+        code = "bad_request"
+    frame: dict[str, Any] = {"type": "error", "code": code, "detail": detail}
+    if isinstance(client_id, str):
+        frame["client_id"] = client_id
+    return events.dumps(frame)
+
+
+def resumed(*, conversation_id: int, last_seq: int, more: bool) -> str:
+    return events.dumps(
+        {"type": "resumed", "conversation": conversation_id, "last_seq": last_seq, "more": more}
+    )
+
+
+# --- channel-layer events for the frames above that are broadcast -----------------------
+
+
+def typing_event(*, conversation_id: int, user) -> dict[str, Any]:
+    frame = {"type": "typing", "conversation": conversation_id, "user": events.user_json(user)}
+    return {
+        "type": "chat.frame",
+        "kind": "typing",
+        "conversation": conversation_id,
+        "sender": user.id,
+        "frame": events.dumps(frame),
+    }
+
+
+def presence_event(*, conversation_id: int, user_id: int, status: str) -> dict[str, Any]:
+    return {
+        "type": "chat.frame",
+        "kind": "presence",
+        "conversation": conversation_id,
+        "user": user_id,
+        "status": status,
+        "frame": events.dumps({"type": "presence", "user": user_id, "status": status}),
+    }
+
+
+def probe_event(*, node: str, n: int) -> dict[str, Any]:
+    return {"type": "rt.probe", "node": node, "n": n}
