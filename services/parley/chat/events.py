@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -181,4 +182,7 @@ publisher = _Publisher()
 
 def publish_on_commit(group: str, event: dict[str, Any]) -> None:
     """Publish `event` to `group` once the current transaction commits (never before)."""
-    transaction.on_commit(lambda: publisher.submit(group, event), robust=True)
+    # "ts" (the commit time) lets receivers measure publish-to-delivery latency.
+    transaction.on_commit(
+        lambda: publisher.submit(group, {**event, "ts": time.time()}), robust=True
+    )

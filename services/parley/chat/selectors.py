@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from django.db.models import Count, F, Q
 
 from parley.accounts.models import User
-from parley.chat import presence
+from parley.chat import events, presence
 from parley.chat.errors import BadRequest, NotFound
 from parley.chat.models import Conversation, Membership, Message, Notification
 
@@ -193,3 +193,42 @@ def notification_list(*, user: User, limit: int = 50) -> list[Notification]:
 
 def notification_open_count(*, user: User) -> int:
     return Notification.objects.filter(user=user, closed_at__isnull=True).count()
+
+
+# --- reads of the realtime service ------------------------------------------------
+
+def conversation_member_counts(*, conversation_ids: list[int]) -> dict[int, int]:
+    """How many members each conversation has (one grouped index scan)."""
+    if not conversation_ids:
+        return {}
+    return dict(
+        Membership.objects.filter(conversation_id__in=conversation_ids)
+        .values_list("conversation_id")
+        .annotate(n=Count("id"))
+        .values_list("conversation_id", "n")
+    )
+
+
+def message_frames_between(
+    *, conversation_id: int, after: int, before: int, limit: int
+) -> list[tuple[int, int, str]]:
+    """(seq, sender id, serialized frame) of messages with after < seq < before."""
+    rows = messages_after(
+        conversation_id=conversation_id, after=after, limit=min(limit, before - after - 1)
+    )
+    return [
+        (m.seq, m.sender_id, events.dumps(events.message_frame(m))) for m in rows if m.seq < before
+    ]
+
+
+def resume_frames(
+    *, user, conversation_id: int, after: int, limit: int
+) -> tuple[list[tuple[int, str]], int, bool]:
+    """Up to `limit` message frames after `after`, the conversation's last seq, and
+    whether more messages remain. Raises NotFound for a non-member."""
+    membership = membership_get(user=user, conversation_id=conversation_id)
+    rows = messages_after(conversation_id=conversation_id, after=after, limit=limit + 1)
+    more = len(rows) > limit
+    last_seq = max(membership.conversation.last_seq, rows[-1].seq if rows else 0)
+    rows = rows[:limit]
+    return [(m.seq, events.dumps(events.message_frame(m))) for m in rows], last_seq, more

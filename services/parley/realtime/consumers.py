@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from datetime import datetime
 
 import orjson
 from channels.exceptions import StopConsumer
@@ -30,7 +29,7 @@ from django.db import Error as DatabaseError
 from parley.chat import events, receipts, selectors, services
 from parley.chat.errors import BadRequest, DomainError, NotFound, Unavailable
 from parley.chat.ratelimit import message_rate_check_async
-from parley.realtime import conf, frames, metrics, queries
+from parley.realtime import conf, frames, metrics
 from parley.realtime.db import db
 from parley.realtime.node import get_node
 
@@ -71,18 +70,9 @@ def _seq_field(frame: dict, name: str) -> int:
 
 
 def _published_at(event: dict) -> float | None:
+    """The commit time that chat.events stamps on every published event."""
     ts = event.get("ts")
-    if isinstance(ts, (int, float)):
-        return float(ts)
-    # Without a publish time, the message's created_at (the last field of its frame).
-    text = event.get("frame", "")
-    i = text.rfind('"created_at":"')
-    if i < 0:
-        return None
-    try:
-        return datetime.fromisoformat(text[i + 14 : text.index('"', i + 14)]).timestamp()
-    except ValueError:
-        return None
+    return float(ts) if isinstance(ts, (int, float)) else None
 
 
 class ChatConsumer(AsyncWebsocketConsumer):
@@ -331,7 +321,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if conversation_id not in self.conversations:
             raise NotFound("No such conversation, or you are not a member.")
         try:
-            rows, last_seq, more = await db(queries.resume_frames)(
+            rows, last_seq, more = await db(selectors.resume_frames)(
                 user=self.user,
                 conversation_id=conversation_id,
                 after=after,

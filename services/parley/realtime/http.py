@@ -34,7 +34,7 @@ async def _json(send, status: int, payload: dict) -> None:
 
 
 def _dependencies() -> dict[str, str]:
-    from parley.web.health import check_dependencies
+    from parley.health import check_dependencies
 
     return check_dependencies()
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from channels.layers import get_channel_layer
 
 from parley.chat import events, receipts, selectors
-from parley.realtime import conf, frames, metrics, presence, queries
+from parley.realtime import conf, frames, metrics, presence
 from parley.realtime.db import db
 
 if TYPE_CHECKING:
@@ -357,7 +357,7 @@ class Node:
             else:
                 missing.append(cid)
         if missing:
-            fresh = await db(queries.conversation_member_counts)(conversation_ids=missing)
+            fresh = await db(selectors.conversation_member_counts)(conversation_ids=missing)
             for cid in missing:
                 count = fresh.get(cid, 0)
                 self._member_counts[cid] = (now + MEMBER_COUNT_TTL, count)
@@ -386,7 +386,7 @@ class Node:
         cached = self._fetches.get(key)
         if cached is None or cached[0] < now:
             future = self.loop.create_task(
-                db(queries.message_frames_between)(
+                db(selectors.message_frames_between)(
                     conversation_id=conversation_id,
                     after=after,
                     before=before,

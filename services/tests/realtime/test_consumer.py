@@ -458,17 +458,17 @@ async def test_a_socket_that_falls_behind_is_shed_and_closed_with_1013(
 ):
     import threading
 
-    from parley.realtime import queries
+    from parley.chat import selectors
 
     monkeypatch.setattr(conf, "SLOW_SOCKET_BACKLOG", 5)
     stuck = threading.Event()
-    original = queries.resume_frames
+    original = selectors.resume_frames
 
     def slow_resume(**kw):
         stuck.wait(10)
         return original(**kw)
 
-    monkeypatch.setattr(queries, "resume_frames", slow_resume)
+    monkeypatch.setattr(selectors, "resume_frames", slow_resume)
     b = await open_socket(bob)
     await b.send({"type": "resume", "conversation": room.id, "after": 0})  # blocks the socket
     messages = await sync_to_async(quiet_messages)(room, alice, 10)
