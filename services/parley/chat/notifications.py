@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from datetime import timedelta
 
 import redis
-from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import F, Max
 from django.utils import timezone
@@ -31,6 +29,7 @@ from django.utils import timezone
 from parley.chat import presence
 from parley.chat.models import Conversation, Membership, Notification
 from parley.chat.ratelimit import redis_client
+from parley.knobs import knob_float
 
 logger = logging.getLogger(__name__)
 
@@ -40,20 +39,13 @@ KEY_PREFIX = "parley:notify:"
 SCHEDULE_GRACE_SECONDS = 60
 
 
-def _setting(name: str, default: float) -> float:
-    value = getattr(settings, name, None)
-    if value is None:
-        value = os.environ.get(name, default)
-    return float(value)
-
-
 def burst_seconds() -> float:
-    return _setting("PARLEY_NOTIFICATION_BURST_SECONDS", 300)
+    return knob_float("PARLEY_NOTIFICATION_BURST_SECONDS", 300)
 
 
 def delay_seconds() -> float:
     """How long after a message its conversation's notifications are computed."""
-    return _setting("PARLEY_NOTIFICATION_DELAY_SECONDS", 2)
+    return knob_float("PARLEY_NOTIFICATION_DELAY_SECONDS", 2)
 
 
 def schedule_key(conversation_id: int) -> str:

@@ -30,16 +30,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Iterable
 
 import redis
-from django.conf import settings
 from django.db import connection, transaction
 
 from parley.chat import events, notifications
 from parley.chat.models import Membership
 from parley.chat.ratelimit import redis_client
+from parley.knobs import knob_float
 
 logger = logging.getLogger(__name__)
 
@@ -51,20 +50,13 @@ DIRTY_KEY = f"{KEY_PREFIX}dirty"
 SCHEDULE_GRACE_SECONDS = 60
 
 
-def _setting(name: str, default: float) -> float:
-    value = getattr(settings, name, None)
-    if value is None:
-        value = os.environ.get(name, default)
-    return float(value)
-
-
 def flush_seconds() -> float:
     """How long staged receipts of a conversation wait to be written together."""
-    return _setting("PARLEY_RECEIPT_FLUSH_SECONDS", 0.5)
+    return knob_float("PARLEY_RECEIPT_FLUSH_SECONDS", 0.5)
 
 
 def delivery_buffer_seconds() -> float:
-    return _setting("PARLEY_DELIVERY_BUFFER_SECONDS", 0.25)
+    return knob_float("PARLEY_DELIVERY_BUFFER_SECONDS", 0.25)
 
 
 def pending_key(conversation_id: int) -> str:

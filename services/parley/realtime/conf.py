@@ -9,20 +9,10 @@ from __future__ import annotations
 import os
 import socket
 
-import environ
 from django.conf import settings
 
-_env = environ.Env()
-
-
-def _float(name: str, default: float) -> float:
-    value = getattr(settings, name, None)
-    return float(value) if value is not None else _env.float(name, default=default)
-
-
-def _int(name: str, default: int) -> int:
-    value = getattr(settings, name, None)
-    return int(value) if value is not None else _env.int(name, default=default)
+from parley.knobs import knob_float as _float
+from parley.knobs import knob_int as _int
 
 
 def node_id() -> str:
@@ -60,8 +50,6 @@ TYPING_THROTTLE_SECONDS = _float("REALTIME_TYPING_THROTTLE_SECONDS", 2.5)
 # the missing ones from Postgres.
 GAP_WAIT_SECONDS = _float("REALTIME_GAP_WAIT_SECONDS", 0.25)
 RESUME_MAX = 500
-# Delivery receipts are coalesced per (conversation, user) and flushed this often.
-DELIVERY_FLUSH_SECONDS = _float("REALTIME_DELIVERY_FLUSH_SECONDS", 1.0)
 # Sends a socket may have queued (committed one by one) before it stops reading frames.
 MAX_QUEUED_SENDS = _int("REALTIME_MAX_QUEUED_SENDS", 32)
 # Events queued for a socket whose client does not read before it is closed with 1013.

@@ -5,58 +5,47 @@ Each reads a Django setting of the same name first, if settings.py defines one.
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 
-
-def _get(name: str, default):
-    try:
-        from django.conf import settings
-
-        value = getattr(settings, name, None)
-    except Exception:  # settings not configured (the health probe)
-        value = None
-    if value is None:
-        value = os.environ.get(name, default)
-    return value
+from parley.knobs import knob_float, knob_int, knob_str
 
 
 def email_max_retries() -> int:
-    return int(_get("PARLEY_EMAIL_MAX_RETRIES", 5))
+    return knob_int("PARLEY_EMAIL_MAX_RETRIES", 5)
 
 
 def email_retry_backoff() -> float:
     """Seconds before the first retry of a refused email; doubles each time."""
-    return float(_get("PARLEY_EMAIL_RETRY_BACKOFF", 30))
+    return knob_float("PARLEY_EMAIL_RETRY_BACKOFF", 30)
 
 
 def email_retry_backoff_max() -> float:
     # Keep well under the broker's visibility timeout (CELERY_VISIBILITY_TIMEOUT).
-    return float(_get("PARLEY_EMAIL_RETRY_BACKOFF_MAX", 300))
+    return knob_float("PARLEY_EMAIL_RETRY_BACKOFF_MAX", 300)
 
 
 def metrics_port() -> int:
     """Port of the worker's /metrics, /healthz and /readyz; 0 disables the server."""
-    return int(_get("WORKER_METRICS_PORT", 9808))
+    return knob_int("WORKER_METRICS_PORT", 9808)
 
 
 def heartbeat_file() -> Path:
     default = Path(tempfile.gettempdir()) / "parley-worker.heartbeat"
-    return Path(_get("WORKER_HEARTBEAT_FILE", str(default)))
+    return Path(knob_str("WORKER_HEARTBEAT_FILE", str(default)))
 
 
 def heartbeat_interval() -> float:
-    return float(_get("WORKER_HEARTBEAT_SECONDS", 10))
+    return knob_float("WORKER_HEARTBEAT_SECONDS", 10)
 
 
 def liveness_max_age() -> float:
     """A heartbeat older than this means the worker stopped consuming. Keep it above
     the longest task (60 s) plus the heartbeat interval: with every pool process busy,
     the heartbeat waits for one to be free."""
-    return float(_get("WORKER_LIVENESS_MAX_AGE", 120))
+    return knob_float("WORKER_LIVENESS_MAX_AGE", 120)
 
 
 def sweep_interval() -> float:
     """How often (seconds) one worker looks for staged receipts whose flush was lost."""
-    return float(_get("PARLEY_RECEIPT_SWEEP_SECONDS", 30))
+    return knob_float("PARLEY_RECEIPT_SWEEP_SECONDS", 30)
