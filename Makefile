@@ -1,0 +1,77 @@
+# Parley: `make` (or `make help`) lists every target.
+
+# The interpreter that creates the virtualenv (Python 3.11 or 3.12).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Extra pytest options, e.g. make test PYTEST_ARGS="-x -k migrate"
+PYTEST_ARGS ?=
+# Extra `uv pip compile` options, e.g. make lock LOCK_ARGS=--upgrade
+LOCK_ARGS ?=
+LOCK_PYTHON_VERSION ?= 3.11
+
+# Written by `make venv` once the lock file is installed; re-installs when the lock or
+# pyproject.toml is newer.
+VENV_STAMP := $(VENV)/.parley-installed
+
+.DEFAULT_GOAL := help
+SHELL := /usr/bin/env bash
+.SHELLFLAGS := -euo pipefail -c
+
+##@ General
+
+# Targets are listed from their `## description` comments, grouped by `##@ section`
+# lines (as in kubebuilder's Makefile).
+.PHONY: help
+help: ## Display this help.
+	@awk 'BEGIN {FS = ":.*##"; printf "\nUsage:\n  make \033[36m<target>\033[0m\n"} /^[a-zA-Z_0-9-]+:.*?##/ { printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2 } /^##@/ { printf "\n\033[1m%s\033[0m\n", substr($$0, 5) } ' $(MAKEFILE_LIST)
+
+##@ Development
+
+.PHONY: venv
+venv: $(VENV_STAMP) ## Create .venv from requirements/dev.lock (hash-checked) with parley installed editable.
+
+$(VENV_STAMP): requirements/dev.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --require-hashes -r requirements/dev.lock
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	touch $@
+
+.PHONY: run
+run: venv ## Run the whole stack locally (parley dev): web, realtime, worker, demo user.
+	$(BIN)/parley dev
+
+.PHONY: migrate
+migrate: venv ## Apply database migrations to DATABASE_URL.
+	$(BIN)/parley migrate
+
+##@ Quality
+
+.PHONY: test
+test: venv ## Run the tests against real Postgres and Redis (embedded ones if none answer); PYTEST_ARGS=... passes options.
+	$(BIN)/pytest services/tests $(PYTEST_ARGS)
+
+.PHONY: lint
+lint: venv ## Check code and formatting with ruff.
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+.PHONY: fmt
+fmt: venv ## Format the code and apply ruff's safe fixes.
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+##@ Dependencies
+
+.PHONY: lock
+lock: venv ## Re-compile requirements/runtime.lock and dev.lock from pyproject.toml with uv (hashes kept).
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv
+	$(BIN)/uv pip compile --quiet pyproject.toml --python-version $(LOCK_PYTHON_VERSION) --generate-hashes $(LOCK_ARGS) -o requirements/runtime.lock
+	$(BIN)/uv pip compile --quiet pyproject.toml --extra embedded --extra test --python-version $(LOCK_PYTHON_VERSION) --generate-hashes $(LOCK_ARGS) -o requirements/dev.lock
+
+##@ Cleanup
+
+.PHONY: clean
+clean: ## Remove the virtualenv, caches and build output (keeps .parley/, the dev data).
+	rm -rf $(VENV) .pytest_cache .ruff_cache build dist staticfiles services/*.egg-info
+	find services -name __pycache__ -type d -prune -exec rm -rf {} +
