@@ -24,7 +24,7 @@ SHELL := /usr/bin/env bash
 # lines (as in kubebuilder's Makefile).
 .PHONY: help
 help: ## Display this help.
-	@awk 'BEGIN {FS = ":.*##"; printf "\nUsage:\n  make \033[36m<target>\033[0m\n"} /^[a-zA-Z_0-9-]+:.*?##/ { printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2 } /^##@/ { printf "\n\033[1m%s\033[0m\n", substr($$0, 5) } ' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*##"; printf "\nUsage:\n  make \033[36m<target>\033[0m\n"} /^[a-zA-Z_0-9-]+:.*?##/ { printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2 } /^##@/ { printf "\n\033[1m%s\033[0m\n", substr($$0, 5) } ' $(MAKEFILE_LIST)
 
 ##@ Development
 
@@ -61,13 +61,48 @@ fmt: venv ## Format the code and apply ruff's safe fixes.
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+.PHONY: browser-deps
+browser-deps: ## Install Debian's Chromium for the browser tests (root; they are skipped without it).
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium)
+
+##@ Deployment
+
+# Extra options for the container tests, e.g. CONTAINER_TEST_ARGS=--install (CI).
+CONTAINER_TEST_ARGS ?=
+
+.PHONY: image
+image: ## Build the container image localhost/parley:latest (Podman or Docker; docs/containers.md).
+	deploy/docker/build-image.sh
+
+.PHONY: up
+up: image ## Start the whole topology (docker-compose.yml) in the background; creates .env on first use.
+	deploy/docker/init-env.sh
+	deploy/docker/compose.sh up -d
+
+.PHONY: down
+down: ## Stop and remove the topology's containers (data stays in its volumes).
+	deploy/docker/compose.sh down
+
+.PHONY: logs
+logs: ## Follow the topology's logs.
+	deploy/docker/compose.sh logs -f --tail=100
+
+.PHONY: test-containers
+test-containers: venv ## Build the image and test it with Podman; CONTAINER_TEST_ARGS=--install installs Podman.
+	$(BIN)/python services/tests/containers/run_container_tests.py $(CONTAINER_TEST_ARGS)
+
+.PHONY: chart
+chart: venv ## Regenerate the chart's README table and values.schema.json, and the k8s/ manifests.
+	$(BIN)/python deploy/helm/chart-docs.py
+	$(BIN)/python deploy/helm/render-k8s.py
+
 ##@ Dependencies
 
 .PHONY: lock
 lock: venv ## Re-compile requirements/runtime.lock and dev.lock from pyproject.toml with uv (hashes kept).
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv
 	$(BIN)/uv pip compile --quiet pyproject.toml --python-version $(LOCK_PYTHON_VERSION) --generate-hashes $(LOCK_ARGS) -o requirements/runtime.lock
-	$(BIN)/uv pip compile --quiet pyproject.toml --extra embedded --extra test --python-version $(LOCK_PYTHON_VERSION) --generate-hashes $(LOCK_ARGS) -o requirements/dev.lock
+	$(BIN)/uv pip compile --quiet pyproject.toml --extra embedded --extra test --extra load --python-version $(LOCK_PYTHON_VERSION) --generate-hashes $(LOCK_ARGS) -o requirements/dev.lock
 
 ##@ Cleanup
 
