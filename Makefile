@@ -65,6 +65,10 @@ fmt: venv ## Format the code and apply ruff's safe fixes.
 browser-deps: ## Install Debian's Chromium for the browser tests (root; they are skipped without it).
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium)
 
+.PHONY: screenshots
+screenshots: venv ## Re-take docs/screenshots/*.png in Chromium.
+	PARLEY_UPDATE_SCREENSHOTS=1 $(BIN)/pytest services/tests/browser -k screenshots
+
 ##@ Deployment
 
 # Extra options for the container tests, e.g. CONTAINER_TEST_ARGS=--install (CI).

@@ -85,8 +85,10 @@ class ContentSecurityPolicyMiddleware:
 
         self.get_response = get_response
         connect = "'self'"
-        if settings.REALTIME_PUBLIC_URL:
-            connect += " " + _origin_of(settings.REALTIME_PUBLIC_URL)
+        # REALTIME_PUBLIC_URL may list several URLs that the client tries in turn.
+        realtime_urls = [u for u in re.split(r"[\s,]+", settings.REALTIME_PUBLIC_URL) if u]
+        if realtime_urls:
+            connect += "".join(" " + _origin_of(u) for u in realtime_urls)
         else:
             connect += " ws: wss:" if settings.DEBUG else ""
         self.policy = (
