@@ -100,6 +100,25 @@ chart: venv ## Regenerate the chart's README table and values.schema.json, and t
 	$(BIN)/python deploy/helm/chart-docs.py
 	$(BIN)/python deploy/helm/render-k8s.py
 
+##@ Load tests
+
+URL ?= http://127.0.0.1:8000
+WS_URL ?=
+SCENARIO ?= chat
+USERS ?= 100
+SPAWN_RATE ?= 10
+DURATION ?= 5m
+LOCUST_ARGS ?=
+BENCH_ARGS ?=
+
+.PHONY: loadtest
+loadtest: venv ## Locust headless against URL (WS_URL=, SCENARIO=chat|storm|large-room|history, USERS, DURATION).
+	$(BIN)/locust -f loadtests/locustfile.py --headless --host $(URL) $(if $(WS_URL),--ws-url $(WS_URL)) --scenario $(SCENARIO) -u $(USERS) -r $(SPAWN_RATE) -t $(DURATION) --csv loadtests/results/$(shell date -u +%Y-%m-%dT%H%M%SZ)-locust-$(SCENARIO) $(LOCUST_ARGS)
+
+.PHONY: bench
+bench: venv ## Benchmark the local topology against naive and no-op configurations (BENCH_ARGS="--profile full").
+	$(BIN)/python -m loadtests.bench $(BENCH_ARGS)
+
 ##@ Dependencies
 
 .PHONY: lock
