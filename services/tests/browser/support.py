@@ -23,8 +23,8 @@ import urllib.error
 import urllib.request
 import uuid
 from dataclasses import dataclass
-from urllib.parse import urlsplit, urlunsplit
 
+from tests.realtime.cluster import child_env as cluster_child_env
 from tests.realtime.cluster import free_port
 
 try:
@@ -49,22 +49,10 @@ _names = itertools.count(1)
 
 
 def child_env(db_name: str, **extra: str) -> dict[str, str]:
-    """The environment of every stack process: the test database, this run's Redis."""
-    env = dict(os.environ)
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    url = urlsplit(os.environ["DATABASE_URL"])
-    env.update(
-        DATABASE_URL=urlunsplit(url._replace(path="/" + db_name)),
-        DB_POOL_MAX_SIZE="4",
-        DEBUG="true",
-        LOG_LEVEL="INFO",
-        PYTHONUNBUFFERED="1",
-        CELERY_TASK_ALWAYS_EAGER="false",
-        REALTIME_DRAIN_SECONDS="1",
-        REALTIME_GRACE_SECONDS="5",
+    """The stack's environment, with drains short enough for a test to wait out."""
+    return cluster_child_env(
+        db_name, **{"REALTIME_DRAIN_SECONDS": "1", "REALTIME_GRACE_SECONDS": "5", **extra}
     )
-    env.update(extra)
-    return env
 
 
 def clear_stale_redis_state(redis_url: str) -> None:

@@ -18,9 +18,27 @@ import time
 import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import websockets
 from websockets.asyncio.client import connect as ws_connect
+
+
+def child_env(db_name: str, **extra: str) -> dict[str, str]:
+    """The environment of every stack process: the test database, this run's Redis."""
+    env = dict(os.environ)
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    url = urlsplit(os.environ["DATABASE_URL"])
+    env.update(
+        DATABASE_URL=urlunsplit(url._replace(path="/" + db_name)),
+        DB_POOL_MAX_SIZE="4",
+        DEBUG="true",
+        LOG_LEVEL="INFO",
+        PYTHONUNBUFFERED="1",
+        CELERY_TASK_ALWAYS_EAGER="false",
+    )
+    env.update(extra)
+    return env
 
 HERE = Path(__file__).resolve()
 SERVICES = HERE.parents[2]

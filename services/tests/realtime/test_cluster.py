@@ -7,13 +7,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 from django.conf import settings as django_settings
@@ -29,6 +27,7 @@ from .cluster import (
     Resilient,
     Simple,
     Web,
+    child_env,
     close_code,
     http_get,
     http_post,
@@ -45,22 +44,6 @@ pytestmark = [
 ]
 
 IDLE_SECONDS = 62  # longer than a minute: past every 5 s read timeout many times over
-
-
-def child_env(db_name: str, **extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    url = urlsplit(os.environ["DATABASE_URL"])
-    env.update(
-        DATABASE_URL=urlunsplit(url._replace(path="/" + db_name)),
-        DB_POOL_MAX_SIZE="4",
-        DEBUG="true",
-        LOG_LEVEL="INFO",
-        PYTHONUNBUFFERED="1",
-        CELERY_TASK_ALWAYS_EAGER="false",
-    )
-    env.update(extra)
-    return env
 
 
 class LoopThread:
