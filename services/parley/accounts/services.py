@@ -4,20 +4,47 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Iterable
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.contrib.auth import password_validation
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
+from django.db.models import Q
 
 from parley.accounts.models import ApiToken, User
 from parley.chat.errors import BadRequest, Conflict, Forbidden
 
 USERNAME_MAX = 150
+# A token's last_used_at is written at most this often (a hot read path should not write).
+TOUCH_EVERY_SECONDS = 60
 
 
 def token_digest(raw: str) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def token_touch_due(last_used_at: datetime | None, now: datetime) -> bool:
+    return last_used_at is None or (now - last_used_at).total_seconds() > TOUCH_EVERY_SECONDS
+
+
+def tokens_touch(*, token_ids: Iterable[int], now: datetime) -> int:
+    """Set last_used_at = now on these tokens, skipping those touched within the minute.
+
+    One UPDATE for any number of tokens. Returns how many rows it wrote.
+    """
+    ids = sorted(set(token_ids))  # a stable lock order for concurrent batches
+    if not ids:
+        return 0
+    return (
+        ApiToken.objects.filter(pk__in=ids)
+        .filter(
+            Q(last_used_at__isnull=True)
+            | Q(last_used_at__lt=now - timedelta(seconds=TOUCH_EVERY_SECONDS))
+        )
+        .update(last_used_at=now)
+    )
 
 
 def token_create(*, user: User) -> str:

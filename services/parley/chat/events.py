@@ -99,12 +99,34 @@ def message_event(message, sender=None) -> dict[str, Any]:
     }
 
 
-def receipt_event(**fields: int) -> dict[str, Any]:
+def receipts_event(
+    *, conversation_id: int, moved: list[tuple[int, int, int, int, int]], everyone: bool
+) -> dict[str, Any]:
+    """One flush's receipts: each moved row is (user, old_delivered, delivered, old_read,
+    read) with its `receipt` frame serialized once. `everyone`: small conversation, every
+    socket writes every frame; else each socket picks (see ChatConsumer.chat_receipts)."""
     return {
-        "type": "chat.frame",
-        "kind": "receipt",
-        "conversation": fields["conversation_id"],
-        "frame": dumps(receipt_frame(**fields)),
+        "type": "chat.receipts",
+        "conversation": conversation_id,
+        "everyone": everyone,
+        "rows": [
+            [
+                user,
+                old_d,
+                d,
+                old_r,
+                r,
+                dumps(
+                    receipt_frame(
+                        conversation_id=conversation_id,
+                        user_id=user,
+                        delivered_seq=d,
+                        read_seq=r,
+                    )
+                ),
+            ]
+            for user, old_d, d, old_r, r in moved
+        ],
     }
 
 
@@ -120,20 +142,26 @@ def membership_event(*, conversation_id: int, event: str) -> dict[str, Any]:
 # --- publication ------------------------------------------------------------------
 
 
+SYNC_BACKOFF_SECONDS = 1.0
+
+
 class _Publisher:
     """Sends channel-layer events from synchronous code.
 
-    Sync callers (gunicorn workers, Celery tasks, the realtime process' database threads)
-    must not start an event loop per event: the Redis connection belongs to a loop. An
-    async process binds its own running loop (`bind_loop`); elsewhere one daemon thread
-    per process runs a loop for publishing. Publishing never blocks the caller and never
-    fails its request: the live path is at-most-once, and clients recover by `seq`.
+    With Parley's layer (parley.realtime.layers), a thread without an event loop (a
+    gunicorn request, a Celery task, the realtime process' database threads) publishes
+    at once with one synchronous PUBLISH (about 0.1 ms; at most a 1 s timeout, after
+    which the loop path is used for SYNC_BACKOFF_SECONDS). Otherwise events go through an
+    event loop: the one an async process binds (`bind_loop`), else one daemon thread per
+    process running a loop for publishing. Publishing never fails the caller's request:
+    the live path is at-most-once, and clients recover by `seq`.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pid: int | None = None
+        self._sync_down_until = 0.0
 
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         with self._lock:
@@ -156,6 +184,22 @@ class _Publisher:
         layer = get_channel_layer()
         if layer is None:
             return None
+        send_sync = getattr(layer, "group_send_sync", None)
+        if send_sync is not None and time.monotonic() >= self._sync_down_until:
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                # No event loop in this thread (a request, a task, a database thread):
+                # publish now, in commit order (parley.realtime.layers).
+                try:
+                    send_sync(group, event)
+                    return None
+                except Exception as exc:  # never fail the committed request
+                    # Redis is slow or away: stop trying synchronously for a while so
+                    # that requests do not each wait for the timeout; the loop path
+                    # below retries once and logs.
+                    self._sync_down_until = time.monotonic() + SYNC_BACKOFF_SECONDS
+                    logger.warning("event publish failed: %r", exc)
         fut = asyncio.run_coroutine_threadsafe(_send(layer, group, event), self._get_loop())
         fut.add_done_callback(_log_failure)
         return fut

@@ -12,13 +12,19 @@ burst has one `Notification` row and sends at most one email.
 When a message commits, `notify_on_commit` schedules at most one
 `parley.notifications.conversation` task per conversation per
 PARLEY_NOTIFICATION_DELAY_SECONDS (a Redis `SET NX` key and a countdown), so a burst of
-200 messages costs a handful of tasks, not 200 x members.
+200 messages costs a handful of tasks, not 200 x members. Each process also remembers
+until when a pass is known to be pending for a conversation, and skips Redis entirely
+before then (see `conversation_changed`): in a busy conversation only the first message
+of each delay, and those in the last PENDING_MARGIN_SECONDS before its pass, cost a
+Redis round trip.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import threading
+import time
 from datetime import timedelta
 
 import redis
@@ -71,20 +77,72 @@ def conversation_changed(*, conversation_id: int) -> bool:
 
     Returns whether a task was enqueued. Best effort: if Redis or the broker is down the
     pass is skipped (the next message schedules one).
+
+    Called after the message committed. A pass reads the conversation after it starts,
+    so a message committed before the pass starts needs no pass of its own. Hence the
+    in-process memo: when this process scheduled a pass, or found one pending, it knows
+    the pass cannot start before `now + remaining` (`remaining` from the key's TTL, which
+    is the countdown plus SCHEDULE_GRACE_SECONDS), and skips Redis until
+    `now + remaining - margin` (PENDING_MARGIN_SECONDS, or half the delay if that is
+    less): a message skipped that way committed before the pass starts, and the pass
+    covers it. The memo always ends before the pass
+    can start (the margin covers clock skew between the host that computed the task's
+    ETA and the worker's), so a message after that goes to Redis and schedules a new pass
+    once the pass cleared the key (`schedule_clear`).
     """
     from parley.config.celery import app
 
+    started = time.monotonic()
+    if _pending_until.get(conversation_id, 0.0) > started:
+        return False
     client = redis_client()
     key = schedule_key(conversation_id)
     delay = delay_seconds()
-    if not client.set(key, "1", nx=True, px=int((delay + SCHEDULE_GRACE_SECONDS) * 1000)):
-        return False
-    try:
-        app.send_task(CONVERSATION_TASK, args=[conversation_id], countdown=delay)
-    except Exception:
-        client.delete(key)
-        raise
-    return True
+    # One round trip: claim the schedule, and learn how long the pending pass has to go.
+    pipe = client.pipeline(transaction=False)
+    pipe.set(key, "1", nx=True, px=int((delay + SCHEDULE_GRACE_SECONDS) * 1000))
+    pipe.pttl(key)
+    created, ttl_ms = pipe.execute()
+    if created:
+        try:
+            app.send_task(CONVERSATION_TASK, args=[conversation_id], countdown=delay)
+        except Exception:
+            client.delete(key)
+            raise
+    if ttl_ms > 0:
+        # The pass was enqueued with its countdown after the key was set with
+        # countdown + grace: it starts no earlier than `ttl - grace` from now.
+        remaining = ttl_ms / 1000 - SCHEDULE_GRACE_SECONDS
+        _pending_note(conversation_id, started + remaining - min(PENDING_MARGIN_SECONDS, delay / 2))
+    return bool(created)
+
+
+# Per process: conversation id -> time.monotonic() before which a pass is known to be
+# pending (see conversation_changed). Bounded; losing an entry only costs a round trip.
+PENDING_MARGIN_SECONDS = 0.25
+PENDING_MAX = 10_000
+_pending_until: dict[int, float] = {}
+_pending_lock = threading.Lock()
+
+
+def _pending_note(conversation_id: int, until: float) -> None:
+    now = time.monotonic()
+    if until <= now:
+        return
+    with _pending_lock:
+        if len(_pending_until) >= PENDING_MAX:
+            for cid, t in list(_pending_until.items()):
+                if t <= now:
+                    del _pending_until[cid]
+            if len(_pending_until) >= PENDING_MAX:
+                _pending_until.clear()
+        _pending_until[conversation_id] = until
+
+
+def pending_forget() -> None:
+    """Forget every pending pass this process knows of (tests; harmless anywhere)."""
+    with _pending_lock:
+        _pending_until.clear()
 
 
 def schedule_clear(*, conversation_id: int) -> None:

@@ -14,6 +14,7 @@ from redis.backoff import NoBackoff
 from parley.chat.errors import RateLimited
 
 WINDOW_SECONDS = 10
+ASYNC_MAX_CONNECTIONS = 64  # per realtime process (event loop)
 _client: redis.Redis | None = None
 
 
@@ -46,13 +47,20 @@ def async_redis_client() -> aioredis.Redis:
     for key, (other, _) in list(_async_clients.items()):
         if other.is_closed():
             del _async_clients[key]
-    client = aioredis.Redis.from_url(
+    # A blocking pool: when a reconnect storm of 2,000 sockets has more presence updates
+    # in flight than there are connections, the next one waits for a free connection
+    # (up to 5 s) instead of failing with MaxConnectionsError (the default pool's
+    # behaviour, which left users "online" after they had gone).
+    pool = aioredis.BlockingConnectionPool.from_url(
         settings.REDIS_URL,
+        max_connections=ASYNC_MAX_CONNECTIONS,
+        timeout=5,
         socket_timeout=2,
         socket_connect_timeout=2,
         health_check_interval=30,
         retry=Retry(NoBackoff(), 1),
     )
+    client = aioredis.Redis(connection_pool=pool)
     _async_clients[id(loop)] = (loop, client)
     return client
 

@@ -16,10 +16,10 @@ How receipts travel (docs/operations.md, "Receipts"):
    task per conversation per PARLEY_RECEIPT_FLUSH_SECONDS (a countdown). A busy room
    therefore costs a few updates per member per second, however many messages it gets.
 2. `receipts_flush` (the task) deletes the schedule key, reads the hash, applies every
-   user's receipts with `receipts_advance_many` (the one-statement twin of
-   `services.receipts_advance`: GREATEST, safe to repeat and to reorder, a `receipt`
-   frame on commit for each row that moved), then deletes the fields it applied unless
-   they moved meanwhile (compare-and-delete). A task that dies midway leaves the hash as
+   user's receipts with `services.receipts_advance_many` (one GREATEST statement, safe
+   to repeat and to reorder, one `chat.receipts` event on commit carrying every row that
+   moved), then deletes the fields it applied unless they moved meanwhile
+   (compare-and-delete). A task that dies midway leaves the hash as
    it was, and its redelivery does the same work again.
 3. Conversations with staged receipts are listed in the sorted set `parley:rcpt:dirty`
    (scored by when they were staged or last flushed); one worker at a time sweeps it and
@@ -33,10 +33,9 @@ import logging
 from collections.abc import Iterable
 
 import redis
-from django.db import connection, transaction
+from django.db import transaction
 
-from parley.chat import events, notifications
-from parley.chat.models import Membership
+from parley.chat import notifications, services
 from parley.chat.ratelimit import redis_client
 from parley.knobs import knob_float
 
@@ -252,7 +251,9 @@ def receipts_flush(*, conversation_id: int, client: redis.Redis | None = None) -
             for user_id, seqs in staged.items()
         }
         with transaction.atomic():
-            moved = receipts_advance_many(conversation_id=conversation_id, positions=positions)
+            moved = services.receipts_advance_many(
+                conversation_id=conversation_id, positions=positions
+            )
             reads = {u: r for u, (_, r) in positions.items() if r}
             if reads:
                 notifications.bursts_close_read(conversation_id=conversation_id, reads=reads)
@@ -261,58 +262,6 @@ def receipts_flush(*, conversation_id: int, client: redis.Redis | None = None) -
         args += [field, value]
     _run_script(client, _FORGET_APPLIED, [pending_key(conversation_id), DIRTY_KEY], args)
     return len(moved)
-
-
-def receipts_advance_many(
-    *, conversation_id: int, positions: dict[int, tuple[int, int]]
-) -> list[tuple[int, int, int]]:
-    """`services.receipts_advance` for many users of one conversation in one statement.
-
-    `positions` maps user id to (delivered_seq, read_seq). Same semantics: GREATEST
-    (never backwards, safe to repeat and reorder), only rows where something moves are
-    written, and each moved row publishes a `receipt` frame on commit. Rows are locked
-    in user-id order, so two flushes of one conversation cannot deadlock. Returns the
-    moved rows as (user_id, last_delivered_seq, last_read_seq).
-    (A flush of a 1,000-member room: one statement instead of ~4,000 round trips.)
-    """
-    if not positions:
-        return []
-    users = sorted(positions)
-    read = [max(positions[u][1], 0) for u in users]
-    delivered = [max(positions[u][0], r) for u, r in zip(users, read, strict=True)]
-    table = connection.ops.quote_name(Membership._meta.db_table)
-    with transaction.atomic(), connection.cursor() as cur:
-        cur.execute(
-            f"""
-            WITH v(u, d, r) AS (SELECT * FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[])),
-            locked AS (
-                SELECT m.id, v.d, v.r FROM {table} m JOIN v ON m.user_id = v.u
-                WHERE m.conversation_id = %s
-                  AND (m.last_delivered_seq < v.d OR m.last_read_seq < v.r)
-                ORDER BY m.user_id
-                FOR UPDATE OF m
-            )
-            UPDATE {table} m
-            SET last_delivered_seq = GREATEST(m.last_delivered_seq, locked.d),
-                last_read_seq = GREATEST(m.last_read_seq, locked.r)
-            FROM locked WHERE m.id = locked.id
-            RETURNING m.user_id, m.last_delivered_seq, m.last_read_seq
-            """,  # noqa: S608 - the table name is ours, values are parameters
-            [users, delivered, read, conversation_id],
-        )
-        moved = sorted(cur.fetchall())
-        group = events.conversation_group(conversation_id)
-        for user_id, delivered_seq, read_seq in moved:
-            events.publish_on_commit(
-                group,
-                events.receipt_event(
-                    conversation_id=conversation_id,
-                    user_id=user_id,
-                    delivered_seq=delivered_seq,
-                    read_seq=read_seq,
-                ),
-            )
-    return moved
 
 
 def sweep_after_seconds() -> float:

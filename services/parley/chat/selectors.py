@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
+from django.db import connection
 from django.db.models import Count, F, Q
 
 from parley.accounts.models import User
@@ -83,11 +85,22 @@ def unread_total(*, user: User) -> int:
 
 
 def conversation_ids_for_user(*, user_id: int) -> list[tuple[int, int]]:
-    """(conversation id, last_seq) of every conversation the user is in."""
-    return list(
-        Membership.objects.filter(user_id=user_id)
-        .order_by("conversation_id")
-        .values_list("conversation_id", "conversation__last_seq")
+    """(conversation id, last_seq) of every conversation the user is in.
+
+    Raw SQL: every WebSocket handshake runs it twice, and compiling the ORM query cost
+    more than Postgres answering it (connect profiles in docs/benchmarks.md).
+    """
+    with connection.cursor() as cur:
+        cur.execute(_conversation_ids_sql(), [user_id])
+        return [(cid, last_seq) for cid, last_seq in cur.fetchall()]
+
+
+@functools.cache
+def _conversation_ids_sql() -> str:
+    return (
+        f"SELECT m.conversation_id, c.last_seq FROM {_table(Membership)} m "  # noqa: S608
+        f"JOIN {_table(Conversation)} c ON c.id = m.conversation_id "
+        "WHERE m.user_id = %s ORDER BY m.conversation_id"
     )
 
 
@@ -197,16 +210,23 @@ def notification_open_count(*, user: User) -> int:
 
 # --- reads of the realtime service ------------------------------------------------
 
+
 def conversation_member_counts(*, conversation_ids: list[int]) -> dict[int, int]:
     """How many members each conversation has (one grouped index scan)."""
     if not conversation_ids:
         return {}
-    return dict(
-        Membership.objects.filter(conversation_id__in=conversation_ids)
-        .values_list("conversation_id")
-        .annotate(n=Count("id"))
-        .values_list("conversation_id", "n")
-    )
+    # Raw SQL: called on the WebSocket handshake path (see conversation_ids_for_user).
+    with connection.cursor() as cur:
+        cur.execute(
+            f"SELECT conversation_id, count(*) FROM {_table(Membership)} "  # noqa: S608
+            "WHERE conversation_id = ANY(%s) GROUP BY conversation_id",
+            [list(conversation_ids)],
+        )
+        return dict(cur.fetchall())
+
+
+def _table(model) -> str:
+    return connection.ops.quote_name(model._meta.db_table)
 
 
 def message_frames_between(

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
-from django.db.models import F, Q
-from django.db.models.functions import Greatest
+from django.db import IntegrityError, connection, transaction
+from django.utils import timezone
 from django.utils.text import slugify
 
 from parley.accounts.models import User
 from parley.chat import events, notifications
 from parley.chat.errors import BadRequest, Conflict, NotFound, TooLong
 from parley.chat.models import Conversation, Membership, Message
+from parley.knobs import knob_int
 
 CLIENT_ID_MAX = 64
 
@@ -47,61 +47,138 @@ def message_create(
 ) -> tuple[Message, bool]:
     """Commit a message and return (message, created).
 
-    The seq comes from `UPDATE conversation SET last_seq = last_seq + 1 ... RETURNING`,
-    in the same transaction as the insert: the row lock orders concurrent senders, and a
-    rolled-back send takes its seq back with it, so seqs have no gap and no duplicate.
-    The same (sender, client_id) again returns the first message (created=False): the
-    unique constraint decides, even between concurrent retries.
+    One statement (`_MESSAGE_INSERT_SQL`) does the whole send: it locks the conversation
+    row (only if the sender is a member), inserts the message with seq = last_seq + 1,
+    moves last_seq to it and the sender's own receipts forward. Outside a transaction it
+    commits by itself: one round trip, no BEGIN/COMMIT. The row lock orders concurrent
+    senders, and last_seq moves only when the insert happened (a send that fails takes
+    nothing), so seqs have no gap and no duplicate. The same (sender, client_id) again
+    returns the first message (created=False): the unique constraint decides, even
+    between concurrent retries (`ON CONFLICT DO NOTHING`, then the winner is read).
+    The message event is published, and the notification pass scheduled, on commit.
     """
     body, client_id = message_validate(body=body, client_id=client_id)
-    if client_id is not None:
-        existing = _message_by_client_id(sender=sender, client_id=client_id)
-        if existing is not None:
-            return _idempotent_result(existing, conversation_id)
-    if not Membership.objects.filter(user=sender, conversation_id=conversation_id).exists():
-        raise NotFound("No such conversation, or you are not a member.")
-    try:
-        with transaction.atomic():
-            seq = _allocate_seq(conversation_id)
-            message = Message.objects.create(
+    for _ in range(3):
+        if connection.in_atomic_block:
+            # Inside the caller's transaction: a savepoint, so that an error leaves the
+            # caller's transaction usable; events wait for the caller's commit.
+            with transaction.atomic():
+                row = _message_insert(sender, conversation_id, body, client_id)
+        else:
+            row = _message_insert(sender, conversation_id, body, client_id)
+        new_id, seq, created_at, allowed, *existing = row
+        if new_id is not None:
+            message = _message_loaded(
+                id=new_id,
                 conversation_id=conversation_id,
                 seq=seq,
                 sender=sender,
                 body=body,
                 client_id=client_id,
+                created_at=created_at,
             )
-            # The sender has obviously seen their own message.
-            Membership.objects.filter(user=sender, conversation_id=conversation_id).update(
-                last_delivered_seq=Greatest(F("last_delivered_seq"), seq),
-                last_read_seq=Greatest(F("last_read_seq"), seq),
-            )
+            # On commit; at once when the statement committed by itself (autocommit).
             events.publish_on_commit(
                 events.conversation_group(conversation_id),
                 events.message_event(message, sender),
             )
             # Offline members' notifications: one coalesced worker pass per conversation.
             notifications.notify_on_commit(conversation_id=conversation_id)
-    except IntegrityError:
-        # A concurrent retry with the same client_id won the unique constraint.
-        existing = client_id and _message_by_client_id(sender=sender, client_id=client_id)
-        if not existing:
-            raise
-        return _idempotent_result(existing, conversation_id)
-    return message, True
+            return message, True
+        if existing[0] is not None:
+            # The client_id was already used (committed before this statement began).
+            fields = dict(zip(_EXISTING_FIELDS, existing, strict=True))
+            message = _message_loaded(sender=sender, client_id=client_id, **fields)
+            return _idempotent_result(message, conversation_id)
+        if not allowed:
+            raise NotFound("No such conversation, or you are not a member.")
+        if client_id is None:  # only a client_id conflict skips the insert
+            raise RuntimeError("message insert returned no row")
+        # The insert met a (sender, client_id) committed by a concurrent retry after this
+        # statement began: nothing was written; read the winner.
+        winner = _message_by_client_id(sender=sender, client_id=client_id)
+        if winner is not None:
+            return _idempotent_result(winner, conversation_id)
+        # The conflicting message is gone again (only a hard delete does that): retry.
+    raise Conflict("client_id is in use by a message being written; retry.")
 
 
-def _allocate_seq(conversation_id: int) -> int:
-    from django.db import connection
+# $msg, $conv and $mem are the tables; values are parameters. The conversation row is
+# locked FOR NO KEY UPDATE (as the UPDATE of last_seq would) before the insert, and
+# last_seq moves only for a row the insert returned: an insert skipped by ON CONFLICT
+# leaves last_seq alone, so no seq is ever consumed without its message.
+_EXISTING_FIELDS = ("id", "conversation_id", "seq", "body", "created_at", "edited_at", "deleted_at")
+_MESSAGE_INSERT_SQL = """
+WITH existing AS (
+    SELECT id, conversation_id, seq, body, created_at, edited_at, deleted_at
+    FROM $msg WHERE sender_id = %(sender)s AND client_id = %(client_id)s
+),
+conv AS (
+    SELECT c.last_seq FROM $conv AS c
+    WHERE c.id = %(conversation)s
+      AND EXISTS (
+          SELECT 1 FROM $mem AS m
+          WHERE m.user_id = %(sender)s AND m.conversation_id = %(conversation)s
+      )
+      AND NOT EXISTS (SELECT 1 FROM existing)
+    FOR NO KEY UPDATE OF c
+),
+ins AS (
+    INSERT INTO $msg (conversation_id, seq, sender_id, body, client_id, created_at)
+    SELECT %(conversation)s, conv.last_seq + 1, %(sender)s, %(body)s, %(client_id)s, %(now)s
+    FROM conv
+    ON CONFLICT (sender_id, client_id) WHERE client_id IS NOT NULL DO NOTHING
+    RETURNING id, seq, created_at
+),
+seq AS (
+    UPDATE $conv AS c SET last_seq = ins.seq FROM ins WHERE c.id = %(conversation)s
+),
+receipts AS (
+    -- The sender has obviously seen their own message.
+    UPDATE $mem AS m
+    SET last_delivered_seq = GREATEST(m.last_delivered_seq, ins.seq),
+        last_read_seq = GREATEST(m.last_read_seq, ins.seq)
+    FROM ins
+    WHERE m.user_id = %(sender)s AND m.conversation_id = %(conversation)s
+)
+SELECT ins.id, ins.seq, ins.created_at, (SELECT count(*) FROM conv),
+       e.id, e.conversation_id, e.seq, e.body, e.created_at, e.edited_at, e.deleted_at
+FROM (SELECT 1) AS one
+LEFT JOIN ins ON TRUE
+LEFT JOIN existing AS e ON TRUE
+"""
 
+
+def _message_insert_sql() -> str:
+    qn = connection.ops.quote_name
+    return (
+        _MESSAGE_INSERT_SQL.replace("$msg", qn(Message._meta.db_table))
+        .replace("$conv", qn(Conversation._meta.db_table))
+        .replace("$mem", qn(Membership._meta.db_table))
+    )
+
+
+def _message_insert(sender: User, conversation_id: int, body: str, client_id: str | None):
     with connection.cursor() as cur:
         cur.execute(
-            "UPDATE chat_conversation SET last_seq = last_seq + 1 WHERE id = %s RETURNING last_seq",
-            [conversation_id],
+            _message_insert_sql(),
+            {
+                "sender": sender.id,
+                "conversation": conversation_id,
+                "body": body,
+                "client_id": client_id,
+                "now": timezone.now(),
+            },
         )
-        row = cur.fetchone()
-    if row is None:
-        raise NotFound("No such conversation, or you are not a member.")
-    return row[0]
+        return cur.fetchone()
+
+
+def _message_loaded(**fields) -> Message:
+    """A Message built from a row the statement returned, as if read by the ORM."""
+    message = Message(**fields)
+    message._state.adding = False
+    message._state.db = connection.alias
+    return message
 
 
 def _message_by_client_id(*, sender: User, client_id: str) -> Message | None:
@@ -254,41 +331,79 @@ def membership_mark_read(*, user: User, conversation_id: int, seq: object) -> Me
     return membership
 
 
+def receipts_broadcast_max_members() -> int:
+    """Up to this many members, every member's socket gets every member's receipt frames.
+
+    Above it a socket gets only the moves that cover a message its user sent on it and
+    its user's own read moves (docs/protocol.md, "Receipts"): a flush of a big room
+    would otherwise write members x members frames.
+    """
+    return knob_int("PARLEY_RECEIPT_BROADCAST_MAX_MEMBERS", 50)
+
+
+def receipts_advance_many(
+    *, conversation_id: int, positions: dict[int, tuple[int, int]]
+) -> list[tuple[int, int, int, int, int]]:
+    """Move many members' receipts of one conversation forward in one statement.
+
+    `positions` maps user id to (delivered_seq, read_seq). GREATEST: never backwards,
+    safe to repeat and to reorder. Only rows where something moves are written; rows are
+    locked in user-id order, so two flushes of one conversation cannot deadlock. On
+    commit ONE `chat.receipts` event carries every moved row to the conversation's
+    sockets (each writes the `receipt` frames its user should see). Returns the moved rows
+    as (user_id, old_delivered, delivered, old_read, read), ascending by user.
+    """
+    if not positions:
+        return []
+    users = sorted(positions)
+    read = [max(int(positions[u][1]), 0) for u in users]
+    delivered = [max(int(positions[u][0]), r) for u, r in zip(users, read, strict=True)]
+    table = connection.ops.quote_name(Membership._meta.db_table)
+    with transaction.atomic(), connection.cursor() as cur:
+        cur.execute(
+            f"""
+            WITH v(u, d, r) AS (SELECT * FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[])),
+            locked AS (
+                SELECT m.id, v.d, v.r, m.last_delivered_seq AS od, m.last_read_seq AS orr
+                FROM {table} m JOIN v ON m.user_id = v.u
+                WHERE m.conversation_id = %s
+                  AND (m.last_delivered_seq < v.d OR m.last_read_seq < v.r)
+                ORDER BY m.user_id
+                FOR UPDATE OF m
+            )
+            UPDATE {table} m
+            SET last_delivered_seq = GREATEST(m.last_delivered_seq, locked.d),
+                last_read_seq = GREATEST(m.last_read_seq, locked.r)
+            FROM locked WHERE m.id = locked.id
+            RETURNING m.user_id, locked.od, m.last_delivered_seq, locked.orr, m.last_read_seq,
+                (SELECT count(*) FROM {table} c WHERE c.conversation_id = %s)
+            """,  # noqa: S608 - the table name is ours, values are parameters
+            [users, delivered, read, conversation_id, conversation_id],
+        )
+        rows = sorted(cur.fetchall())
+        moved = [tuple(row[:5]) for row in rows]
+        if rows:
+            everyone = rows[0][5] <= receipts_broadcast_max_members()
+            events.publish_on_commit(
+                events.conversation_group(conversation_id),
+                events.receipts_event(
+                    conversation_id=conversation_id, moved=moved, everyone=everyone
+                ),
+            )
+    return moved
+
+
 def receipts_advance(
     *, conversation_id: int, user_id: int, delivered_seq: int = 0, read_seq: int = 0
 ) -> Membership | None:
-    """Move receipts forward with one GREATEST update: safe to repeat and to reorder.
-
-    Publishes a `receipt` frame to the conversation when anything moved.
-    """
+    """One member's `receipts_advance_many`; returns the membership as it is now."""
     read_seq = max(read_seq, 0)
-    delivered_seq = max(delivered_seq, read_seq)
     with transaction.atomic():
-        updated = (
-            Membership.objects.filter(user_id=user_id, conversation_id=conversation_id)
-            .filter(
-                # Only touch the row (and broadcast) when something moves forward.
-                Q(last_delivered_seq__lt=delivered_seq) | Q(last_read_seq__lt=read_seq)
-            )
-            .update(
-                last_delivered_seq=Greatest(F("last_delivered_seq"), delivered_seq),
-                last_read_seq=Greatest(F("last_read_seq"), read_seq),
-            )
+        receipts_advance_many(
+            conversation_id=conversation_id,
+            positions={user_id: (max(delivered_seq, read_seq), read_seq)},
         )
-        membership = Membership.objects.filter(
-            user_id=user_id, conversation_id=conversation_id
-        ).first()
-        if updated and membership is not None:
-            events.publish_on_commit(
-                events.conversation_group(conversation_id),
-                events.receipt_event(
-                    conversation_id=conversation_id,
-                    user_id=user_id,
-                    delivered_seq=membership.last_delivered_seq,
-                    read_seq=membership.last_read_seq,
-                ),
-            )
-    return membership
+        return Membership.objects.filter(user_id=user_id, conversation_id=conversation_id).first()
 
 
 def membership_set_muted(*, user: User, conversation_id: int, muted: object) -> Membership:

@@ -68,9 +68,7 @@ class MessageForm(forms.Form):
         strip=False,  # leading spaces and blank lines are part of a plain-text message
         widget=forms.Textarea(attrs={"rows": 2, "placeholder": "Write a message"}),
     )
-    client_id = forms.CharField(
-        max_length=CLIENT_ID_MAX, required=False, widget=forms.HiddenInput
-    )
+    client_id = forms.CharField(max_length=CLIENT_ID_MAX, required=False, widget=forms.HiddenInput)
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("initial", {}).setdefault("client_id", new_client_id())

@@ -26,8 +26,11 @@ class ProbeMiddleware:
         from parley.web import health
 
         self.get_response = get_response
-        self.views = {"/healthz": health.healthz, "/readyz": health.readyz,
-                      "/metrics": health.metrics}
+        self.views = {
+            "/healthz": health.healthz,
+            "/readyz": health.readyz,
+            "/metrics": health.metrics,
+        }
 
     def __call__(self, request):
         view = self.views.get(request.path_info)

@@ -55,9 +55,17 @@ def _safe_next(request: HttpRequest) -> str | None:
 
 # --- accounts -----------------------------------------------------------------------
 
+
 @require_safe
 def home(request: HttpRequest) -> HttpResponse:
     return redirect("conversation-list" if request.user.is_authenticated else "login")
+
+
+def _form_error(form, exc: DomainError, *, conflict_field: str) -> int:
+    """Show a domain error on the form (a Conflict next to the field it is about);
+    returns the HTTP status the page is rendered with."""
+    form.add_error(conflict_field if isinstance(exc, Conflict) else None, exc.detail)
+    return exc.status
 
 
 @require_http_methods(["GET", "POST"])
@@ -74,34 +82,38 @@ def signup(request: HttpRequest) -> HttpResponse:
             data = form.cleaned_data
             try:
                 user = account_services.user_create(
-                    username=data["username"], password=data["password1"],
-                    display_name=data["display_name"], email=data["email"],
+                    username=data["username"],
+                    password=data["password1"],
+                    display_name=data["display_name"],
+                    email=data["email"],
                 )
-            except Conflict as exc:
-                form.add_error("username", exc.detail)
-                status = exc.status
             except DomainError as exc:
-                form.add_error(None, exc.detail)
-                status = exc.status
+                status = _form_error(form, exc, conflict_field="username")
             else:
                 login(request, user)
                 messages.success(request, f"Welcome to Parley, {user.shown_name}.")
                 return see_other(_safe_next(request) or "conversation-list")
-    return render(request, "signup.html", {"form": form, "next": _safe_next(request)},
-                  status=status)
+    return render(
+        request, "signup.html", {"form": form, "next": _safe_next(request)}, status=status
+    )
 
 
 # --- conversations ------------------------------------------------------------------
+
 
 @login_required
 @require_safe
 def conversation_list(request: HttpRequest) -> HttpResponse:
     items = selectors.conversation_list(user=request.user)
-    return render(request, "conversation_list.html", {
-        "items": items,
-        "unread_conversations": sum(1 for item in items if item["unread"]),
-        "direct_form": DirectForm(),
-    })
+    return render(
+        request,
+        "conversation_list.html",
+        {
+            "items": items,
+            "unread_conversations": sum(1 for item in items if item["unread"]),
+            "direct_form": DirectForm(),
+        },
+    )
 
 
 def _membership_or_404(request: HttpRequest, conversation_id: int) -> Membership:
@@ -141,8 +153,10 @@ def _send(request: HttpRequest, conversation_id: int, data: dict):
     services.message_validate(body=data["body"], client_id=data["client_id"])
     message_rate_check(user_id=request.user.id)
     message, created = services.message_create(
-        sender=request.user, conversation_id=conversation_id,
-        body=data["body"], client_id=data["client_id"],
+        sender=request.user,
+        conversation_id=conversation_id,
+        body=data["body"],
+        client_id=data["client_id"],
     )
     if created:
         metrics.messages_sent.labels("page").inc()
@@ -155,8 +169,10 @@ def _render_conversation(
     conversation_id = membership.conversation_id
     try:
         page = selectors.message_page(
-            user=request.user, conversation_id=conversation_id,
-            before=request.GET.get("before"), after=request.GET.get("after"),
+            user=request.user,
+            conversation_id=conversation_id,
+            before=request.GET.get("before"),
+            after=request.GET.get("after"),
         )
     except BadRequest as exc:
         messages.error(request, exc.detail)
@@ -172,14 +188,19 @@ def _render_conversation(
     current = next((i for i in items if i["conversation"].id == conversation_id), None)
     if current is None:  # left in another tab between the two reads
         raise Http404("No such conversation, or you are not a member.")
-    return render(request, "chat.html", {
-        "item": current,
-        "conversation": current["conversation"],
-        "items": items,
-        "page": page,
-        "newest_shown": newest_shown,
-        "form": form,
-    }, status=status)
+    return render(
+        request,
+        "chat.html",
+        {
+            "item": current,
+            "conversation": current["conversation"],
+            "items": items,
+            "page": page,
+            "newest_shown": newest_shown,
+            "form": form,
+        },
+        status=status,
+    )
 
 
 @login_required
@@ -194,7 +215,8 @@ def conversation_mute(request: HttpRequest, conversation_id: int) -> HttpRespons
         raise Http404("No such conversation, or you are not a member.") from None
     messages.success(
         request,
-        "Notifications are off for this conversation." if muted
+        "Notifications are off for this conversation."
+        if muted
         else "Notifications are on for this conversation.",
     )
     return see_other("conversation", conversation_id=conversation_id)
@@ -202,18 +224,23 @@ def conversation_mute(request: HttpRequest, conversation_id: int) -> HttpRespons
 
 # --- rooms --------------------------------------------------------------------------
 
+
 @login_required
 @require_safe
 def room_list(request: HttpRequest) -> HttpResponse:
     form = RoomSearchForm(request.GET)
     q = form.cleaned_data["q"].strip() if form.is_valid() else ""
     joined = {cid for cid, _ in selectors.conversation_ids_for_user(user_id=request.user.id)}
-    return render(request, "rooms.html", {
-        "form": form,
-        "q": q,
-        "rooms": selectors.room_search(q=q),
-        "joined": joined,
-    })
+    return render(
+        request,
+        "rooms.html",
+        {
+            "form": form,
+            "q": q,
+            "rooms": selectors.room_search(q=q),
+            "joined": joined,
+        },
+    )
 
 
 @login_required
@@ -227,15 +254,14 @@ def room_create(request: HttpRequest) -> HttpResponse:
             data = form.cleaned_data
             try:
                 room = services.room_create(
-                    creator=request.user, name=data["name"], slug=data["slug"] or None,
-                    topic=data["topic"], public=data["public"],
+                    creator=request.user,
+                    name=data["name"],
+                    slug=data["slug"] or None,
+                    topic=data["topic"],
+                    public=data["public"],
                 )
-            except Conflict as exc:
-                form.add_error("slug", exc.detail)
-                status = exc.status
             except DomainError as exc:
-                form.add_error(None, exc.detail)
-                status = exc.status
+                status = _form_error(form, exc, conflict_field="slug")
             else:
                 messages.success(request, f"Room {room.name} created.")
                 return see_other("conversation", conversation_id=room.id)
@@ -268,6 +294,7 @@ def room_leave(request: HttpRequest, slug: str) -> HttpResponse:
 
 # --- direct conversations -----------------------------------------------------------
 
+
 @login_required
 @require_http_methods(["GET", "POST"])
 def direct(request: HttpRequest) -> HttpResponse:
@@ -292,6 +319,7 @@ def direct(request: HttpRequest) -> HttpResponse:
 
 
 # --- notifications ------------------------------------------------------------------
+
 
 @login_required
 @require_safe

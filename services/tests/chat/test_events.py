@@ -82,7 +82,11 @@ async def test_read_receipt_is_broadcast_to_the_conversation(alice, bob, room):
         user=bob, conversation_id=room.id, seq=1
     )
     event = await asyncio.wait_for(layer.receive(channel), 5)
-    assert orjson.loads(event["frame"]) == {
+    assert event["type"] == "chat.receipts" and event["everyone"] is True
+    [[user, old_delivered, delivered, old_read, read, frame]] = event["rows"]
+    # alice's own send moved her receipts; bob joined at 0 and now read 1.
+    assert (user, old_delivered, delivered, old_read, read) == (bob.id, 0, 1, 0, 1)
+    assert orjson.loads(frame) == {
         "type": "receipt",
         "conversation": room.id,
         "user": bob.id,

@@ -20,6 +20,7 @@ LIVE_SCRIPT = '<script type="module" src="/static/parley/parley.js"></script>'
 def scripts(html: str) -> list[str]:
     return re.findall(r"<script\b.*?</script>", html, re.S)
 
+
 pytestmark = pytest.mark.django_db
 
 CLIENT_ID = re.compile(r'name="client_id" value="([0-9a-f]{32})"')
@@ -56,13 +57,20 @@ def bodies(conversation_id: int) -> list[str]:
 
 # --- the newcomer's path --------------------------------------------------------------
 
+
 def test_sign_up_create_room_send_and_see_the_message():
     client = Client()
     assert "Create your account" in page(client, "/signup/")
-    response = client.post("/signup/", {
-        "username": "newcomer", "display_name": "New Comer", "email": "",
-        "password1": PASSWORD, "password2": PASSWORD,
-    })
+    response = client.post(
+        "/signup/",
+        {
+            "username": "newcomer",
+            "display_name": "New Comer",
+            "email": "",
+            "password1": PASSWORD,
+            "password2": PASSWORD,
+        },
+    )
     assert response.status_code == 303
     assert response["Location"] == "/conversations/"
     user = User.objects.get(username="newcomer")
@@ -93,8 +101,14 @@ def test_home_redirects_by_login_state(alice):
 
 def test_pages_need_login(room):
     client = Client()
-    for url in ("/conversations/", f"/c/{room.id}/", "/rooms/", "/rooms/new/", "/direct/",
-                "/notifications/"):
+    for url in (
+        "/conversations/",
+        f"/c/{room.id}/",
+        "/rooms/",
+        "/rooms/new/",
+        "/direct/",
+        "/notifications/",
+    ):
         response = client.get(url)
         assert response.status_code == 302, url
         assert response["Location"].startswith("/login/?next="), url
@@ -104,11 +118,13 @@ def test_pages_need_login(room):
 
 # --- escaping -------------------------------------------------------------------------
 
+
 def test_html_in_messages_names_and_topics_is_escaped(alice, bob):
     alice.display_name = '<b onmouseover="x()">Al</b>'
     alice.save()
-    room = services.room_create(creator=alice, name="<i>Room</i>", slug="html-room",
-                                topic="<script>alert('topic')</script>")
+    room = services.room_create(
+        creator=alice, name="<i>Room</i>", slug="html-room", topic="<script>alert('topic')</script>"
+    )
     services.room_join(user=bob, slug=room.slug)
     client = client_for(alice)
     for body in ("<script>alert(1)</script>", "<img src=x onerror=alert(1)>"):
@@ -130,6 +146,7 @@ def test_html_in_messages_names_and_topics_is_escaped(alice, bob):
 
 
 # --- sending ----------------------------------------------------------------------------
+
 
 def test_double_submit_with_the_same_client_id_creates_one_message(alice, room):
     client = client_for(alice)
@@ -214,6 +231,7 @@ def test_error_pages_are_friendly_pages(carol, room):
 
 # --- reading ----------------------------------------------------------------------------
 
+
 def test_conversation_list_shows_unread_counts_and_opening_marks_read(alice, bob, room):
     for i in range(3):
         services.message_create(sender=alice, conversation_id=room.id, body=f"m{i}")
@@ -280,8 +298,14 @@ def test_pages_have_a_csp_and_no_inline_script_or_style(alice, bob, room):
     services.message_create(sender=alice, conversation_id=room.id, body="hello")
     Notification.objects.create(user=alice, conversation=room, first_seq=1, last_seq=1)
     client = client_for(alice)
-    urls = ["/conversations/", f"/c/{room.id}/", "/rooms/", "/rooms/new/", "/direct/",
-            "/notifications/"]
+    urls = [
+        "/conversations/",
+        f"/c/{room.id}/",
+        "/rooms/",
+        "/rooms/new/",
+        "/direct/",
+        "/notifications/",
+    ]
     for url in urls:
         response = client.get(url)
         assert response.status_code == 200, url
@@ -308,6 +332,7 @@ def test_stylesheet_is_served(alice):
 
 
 # --- accounts ---------------------------------------------------------------------------
+
 
 def test_login_and_logout(alice):
     client = Client()
@@ -337,23 +362,27 @@ def test_login_follows_next(alice, room):
     client = Client()
     response = client.get(f"/c/{room.id}/")
     assert response["Location"] == f"/login/?next=/c/{room.id}/"
-    response = client.post(response["Location"], {"username": "alice", "password": PASSWORD,
-                                                  "next": f"/c/{room.id}/"})
+    response = client.post(
+        response["Location"], {"username": "alice", "password": PASSWORD, "next": f"/c/{room.id}/"}
+    )
     assert response["Location"] == f"/c/{room.id}/"
 
 
 def test_signup_errors_are_shown_and_nothing_is_created(alice):
     client = Client()
-    response = client.post("/signup/", {"username": "dora", "password1": PASSWORD,
-                                        "password2": PASSWORD + "x"})
+    response = client.post(
+        "/signup/", {"username": "dora", "password1": PASSWORD, "password2": PASSWORD + "x"}
+    )
     assert response.status_code == 400
     assert "The two passwords differ." in response.content.decode()
-    response = client.post("/signup/", {"username": "alice", "password1": PASSWORD,
-                                        "password2": PASSWORD})
+    response = client.post(
+        "/signup/", {"username": "alice", "password1": PASSWORD, "password2": PASSWORD}
+    )
     assert response.status_code == 409
     assert "That username is taken." in response.content.decode()
-    response = client.post("/signup/", {"username": "dora", "password1": "12345678",
-                                        "password2": "12345678"})
+    response = client.post(
+        "/signup/", {"username": "dora", "password1": "12345678", "password2": "12345678"}
+    )
     assert response.status_code == 400
     assert "password:" in response.content.decode()
     assert not User.objects.filter(username="dora").exists()
@@ -366,8 +395,9 @@ def test_signup_disabled_refuses():
     response = client.get("/signup/")
     assert response.status_code == 403
     assert "Sign-up is closed" in response.content.decode()
-    response = client.post("/signup/", {"username": "dora", "password1": PASSWORD,
-                                        "password2": PASSWORD})
+    response = client.post(
+        "/signup/", {"username": "dora", "password1": PASSWORD, "password2": PASSWORD}
+    )
     assert response.status_code == 403
     assert not User.objects.filter(username="dora").exists()
     assert 'href="/signup/"' not in page(client, "/login/")
@@ -389,13 +419,15 @@ def test_csrf_is_enforced(alice, room):
     html = page(client, url)
     token = CSRF.search(html).group(1)
     client_id = CLIENT_ID.search(html).group(1)
-    response = client.post(url, {"body": "genuine", "client_id": client_id,
-                                 "csrfmiddlewaretoken": token})
+    response = client.post(
+        url, {"body": "genuine", "client_id": client_id, "csrfmiddlewaretoken": token}
+    )
     assert response.status_code == 303
     assert bodies(room.id) == ["genuine"]
 
 
 # --- rooms ------------------------------------------------------------------------------
+
 
 def test_room_directory_search_join_and_leave(alice, bob):
     python = services.room_create(creator=alice, name="Python", topic="Snakes and code")
@@ -438,8 +470,9 @@ def test_room_directory_search_join_and_leave(alice, bob):
 
 
 def test_leave_next_must_be_local(alice, room):
-    response = client_for(alice).post(f"/rooms/{room.slug}/leave/",
-                                      {"next": "https://evil.example.com/"})
+    response = client_for(alice).post(
+        f"/rooms/{room.slug}/leave/", {"next": "https://evil.example.com/"}
+    )
     assert response["Location"] == "/rooms/"
 
 
@@ -462,6 +495,7 @@ def test_create_room_errors(alice, room):
 
 
 # --- direct conversations ------------------------------------------------------------
+
 
 def test_direct_form_starts_or_reopens_a_conversation(alice, bob, carol):
     client = client_for(alice)
@@ -491,10 +525,12 @@ def test_direct_form_starts_or_reopens_a_conversation(alice, bob, carol):
 
 # --- notifications and muting --------------------------------------------------------
 
+
 def test_notifications_page_and_header_badge(alice, bob, room):
     services.message_create(sender=alice, conversation_id=room.id, body="while you were out")
-    Notification.objects.create(user=bob, conversation=room, first_seq=1, last_seq=3,
-                                message_count=3)
+    Notification.objects.create(
+        user=bob, conversation=room, first_seq=1, last_seq=3, message_count=3
+    )
     client = client_for(bob)
     html = page(client, "/conversations/")
     assert '<span class="badge" data-notification-count="1">' in html
