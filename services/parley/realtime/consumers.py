@@ -17,13 +17,19 @@ it does not (the node resyncs, see node.py) the socket is closed and the client 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
+import functools
 import logging
 import time
+from collections.abc import Mapping
+from types import MappingProxyType
 
 import orjson
+from channels.consumer import get_handler_name
 from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
+from channels.layers import get_channel_layer
 from django.db import Error as DatabaseError
 
 from parley.chat import events, receipts, selectors, services
@@ -41,18 +47,43 @@ CLOSE_SERVICE_RESTART = 1012  # drain: reconnect (to another replica)
 CLOSE_RESYNC = 1011  # the node may have missed events: reconnect and resume
 CLOSE_TOO_SLOW = 1013  # Try Again Later: the client fell too far behind; resume
 SEND_WORKER = "parley-send-worker"
+MINE_KEPT = 64
 
 
 class ConversationState:
     """What one socket knows about one conversation."""
 
-    __slots__ = ("pending", "read", "sent", "timer")
+    __slots__ = ("mine", "pending", "read", "sent", "timer")
 
     def __init__(self, sent: int) -> None:
         self.sent = sent  # highest seq written to the socket (or known to the client)
-        self.pending: dict[int, dict] = {}  # events that arrived ahead of a missing seq
+        # Events that arrived ahead of a missing seq (made on the first one).
+        self.pending: dict[int, dict] | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.read = 0  # highest read seq recorded from this socket
+        # The seqs of the user's latest messages seen on this socket (ascending, at most
+        # MINE_KEPT): in a big conversation, receipts are written only when they cover one.
+        self.mine: list[int] | None = None
+
+    def note_mine(self, seq: int) -> None:
+        mine = self.mine
+        if mine is None:
+            self.mine = [seq]
+            return
+        if mine[-1] < seq:
+            mine.append(seq)
+        elif seq not in mine:
+            bisect.insort(mine, seq)
+        if len(mine) > MINE_KEPT:
+            del mine[0]
+
+    def covers_mine(self, low: int, high: int) -> bool:
+        """Whether one of the user's seqs lies in (low, high]."""
+        mine = self.mine
+        if not mine or high <= low:
+            return False
+        i = bisect.bisect_right(mine, low)
+        return i < len(mine) and mine[i] <= high
 
 
 def _id_field(frame: dict, name: str) -> int:
@@ -75,27 +106,197 @@ def _published_at(event: dict) -> float | None:
     return float(ts) if isinstance(ts, (int, float)) else None
 
 
+class _Wakeup:
+    """The one future a dispatch loop sleeps on, resolved when any task it started is
+    done: instead of an asyncio.wait per event (its set, waiter future, callback closure
+    and two coroutine frames, held for as long as the socket is idle)."""
+
+    __slots__ = ("future", "loop")
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.future: asyncio.Future | None = None
+
+    def __call__(self, _task) -> None:
+        future = self.future
+        if future is not None and not future.done():
+            future.set_result(None)
+
+    def start(self, coro) -> asyncio.Task:
+        task = self.loop.create_task(coro)
+        task.add_done_callback(self)
+        return task
+
+    def arm(self) -> asyncio.Future:
+        self.future = self.loop.create_future()
+        return self.future
+
+    def disarm(self) -> None:
+        self.future = None
+
+
+async def _cancelled(task: asyncio.Task) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def dispatch_many(sources, dispatch) -> None:
+    """channels.utils.await_many_dispatch, holding less while it waits (_Wakeup).
+
+    Same contract: one task per source (a coroutine function), each result dispatched
+    (awaited) before that source is read again, sources in order when several are ready,
+    the tasks cancelled on the way out.
+    """
+    wakeup = _Wakeup()
+    tasks = [wakeup.start(source()) for source in sources]
+    try:
+        while True:
+            if not any(task.done() for task in tasks):
+                try:
+                    await wakeup.arm()
+                finally:
+                    wakeup.disarm()
+            for i, task in enumerate(tasks):
+                if task.done():
+                    result = task.result()
+                    await dispatch(result)
+                    tasks[i] = wakeup.start(sources[i]())
+    finally:
+        for task in tasks:
+            await _cancelled(task)
+
+
+async def dispatch_with_inbox(receive, inbox, decode, dispatch) -> None:
+    """dispatch_many for a client and a channel whose queue is a lean.Inbox: the same
+    order (the client's event first when both are ready) and one event at a time, but
+    the channel is read without a task (and its coroutines) per socket, ~1 KB."""
+    wakeup = _Wakeup()
+    client, fresh = wakeup.start(receive()), True
+    try:
+        while True:
+            if client.done():
+                result = client.result()
+                await dispatch(result)
+                client, fresh = wakeup.start(receive()), True
+            elif not inbox.empty():
+                if fresh:  # let a new client task see what is ready first, as in channels
+                    fresh = False
+                    await asyncio.sleep(0)
+                    continue
+                await dispatch(decode(inbox.get_nowait()))
+                if not inbox.empty():
+                    await asyncio.sleep(0)  # let the other sockets in, as a task would
+            else:
+                fresh = False
+                waiter = wakeup.arm()
+                inbox.wake_on_put(waiter)
+                try:
+                    await waiter
+                finally:
+                    wakeup.disarm()
+                    inbox.forget(waiter)
+    finally:
+        await _cancelled(client)
+
+
+_NO_CONVERSATIONS: Mapping[int, ConversationState] = MappingProxyType({})
+
+
 class ChatConsumer(AsyncWebsocketConsumer):
-    user = None
-    user_id = 0
-    closing = False
-    presence_field: str | None = None
-    connected_at = 0.0
+    # A realtime process holds thousands of idle sockets (docs/benchmarks.md): the
+    # per-socket state is in slots (an instance dict of this many keys cost about 1 KB)
+    # and what a socket may never need is made on first use.
+    __slots__ = (
+        "_order",
+        "base_send",
+        "channel_layer",
+        "channel_name",
+        "close_code",
+        "closing",
+        "connected_at",
+        "conversations",
+        "node",
+        "presence_field",
+        "presence_seen",
+        "scope",
+        "send_worker",
+        "sends",
+        "tokens",
+        "tokens_at",
+        "user",
+        "user_id",
+    )
+    groups = ()  # AsyncWebsocketConsumer would give each instance a list of its own
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.user = None
+        self.user_id = 0
+        self.closing = False
+        self.presence_field: str | None = None
+        self.connected_at = 0.0
+        # A refused socket's (read-only); an accepted one gets its own dict.
+        self.conversations: Mapping[int, ConversationState] = _NO_CONVERSATIONS
+        # A socket's sends are committed one after the other, in the order they came:
+        # two quick messages from one client keep their order in the conversation.
+        self.sends: asyncio.Queue | None = None
+        self.send_worker: asyncio.Task | None = None
+        self.tokens, self.tokens_at = float(conf.FRAME_BURST), 0.0  # the budget starts full
+        self.presence_seen: dict[int, str] | None = None
+        self.close_code: int | None = None
+        self._order: asyncio.Lock | None = None
+
+    async def __call__(self, scope, receive, send) -> None:
+        # channels' AsyncConsumer.__call__, with dispatch_with_inbox (the pub/sub layer of
+        # parley.realtime.layers) or dispatch_many (any other) for await_many_dispatch.
+        self.scope = scope
+        self.channel_layer = layer = get_channel_layer(self.channel_layer_alias)
+        self.base_send = send
+        if layer is None:
+            with contextlib.suppress(StopConsumer):
+                await dispatch_many([receive], self.dispatch)
+            return
+        self.channel_name = await layer.new_channel()
+        inbox = getattr(layer, "inbox", None)
+        inbox = inbox(self.channel_name) if inbox is not None else None
+        if inbox is None:  # another layer (core, in-memory): a task reads the channel
+            with contextlib.suppress(StopConsumer):
+                await dispatch_many(
+                    [receive, functools.partial(layer.receive, self.channel_name)],
+                    self.dispatch,
+                )
+            return
+        try:
+            with contextlib.suppress(StopConsumer):
+                await dispatch_with_inbox(receive, inbox, layer.deserialize, self.dispatch)
+        finally:
+            await layer.release(self.channel_name)
+
+    @property
+    def order(self) -> asyncio.Lock:
+        """Held while writing a conversation's messages (made on first use)."""
+        lock = self._order
+        if lock is None:
+            lock = self._order = asyncio.Lock()
+        return lock
+
+    async def dispatch(self, message) -> None:
+        # Channels' AsyncConsumer.dispatch first awaits aclose_old_connections(), a hop
+        # through the process' single thread-sensitive thread, for every event of every
+        # socket: fan-out to N local sockets became N trips through one thread
+        # (docs/benchmarks.md). This consumer reaches the ORM only through
+        # parley.realtime.db, whose threads close stale connections themselves.
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"No handler for message type {message['type']}")
+        await handler(message)
 
     # --- connect and disconnect ----------------------------------------------------------
 
     async def websocket_connect(self, message) -> None:
         self.node = get_node()
         await self.node.start()
-        self.conversations: dict[int, ConversationState] = {}
-        # A socket's sends are committed one after the other, in the order they came:
-        # two quick messages from one client keep their order in the conversation.
-        self.sends: asyncio.Queue | None = None
-        self.send_worker: asyncio.Task | None = None
-        self.order = asyncio.Lock()
-        self.tokens, self.tokens_at = float(conf.FRAME_BURST), time.monotonic()
-        self.presence_seen: dict[int, str] = {}
-        self.close_code: int | None = None
 
         reject = self.scope.get("parley_reject")
         user = self.scope.get("user")
@@ -112,6 +313,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return
 
         self.user, self.user_id = user, user.id
+        self.conversations = {}
         try:
             await self._join_groups()
         except Exception:
@@ -304,6 +506,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
             logger.exception("send failed")
             await self._error("unavailable", Unavailable.__doc__, client_id)
             return
+        st = self.conversations.get(conversation_id)
+        if st is not None:
+            st.note_mine(message.seq)
         await self._write(
             frames.ack(
                 client_id=client_id,
@@ -402,10 +607,54 @@ class ChatConsumer(AsyncWebsocketConsumer):
         elif kind == "presence":
             # A user sharing several conversations with us is announced in each.
             user_id, status = event.get("user"), event.get("status")
-            if self.presence_seen.get(user_id) == status:
+            seen = self.presence_seen
+            if seen is None:
+                seen = self.presence_seen = {}
+            elif seen.get(user_id) == status:
                 return
-            self.presence_seen[user_id] = status
+            seen[user_id] = status
         await self._write(event["frame"], kind or "event")
+
+    async def chat_receipts(self, event: dict) -> None:
+        """One flush's receipts of a conversation (chat.events.receipts_event).
+
+        In a small conversation every member sees every member's `receipt` frame. In a
+        big one (above PARLEY_RECEIPT_BROADCAST_MAX_MEMBERS) a socket writes a member's
+        frame only when it covers a message its user sent (seen on this socket), or when
+        it is its own user's read moving (other devices): one read of everyone in a
+        1,000-member room would otherwise be a million frames.
+        """
+        st = self.conversations.get(event.get("conversation"))
+        if st is None:
+            return
+        rows = event["rows"]
+        if event.get("everyone", True):
+            for row in rows:
+                if not await self._write(row[5], "receipt"):
+                    return
+            return
+        # A node hands the same event object to all its local sockets of the
+        # conversation: index it once, then most sockets are done in O(1).
+        index = event.get("_index")
+        if index is None:
+            index = event["_index"] = (
+                {row[0]: row for row in rows},
+                min(min(row[1], row[3]) for row in rows),
+            )
+        by_user, lowest = index
+        me = self.user_id
+        own = by_user.get(me)
+        if own is not None and own[4] > own[3] and not await self._write(own[5], "receipt"):
+            return
+        if not st.mine or st.mine[-1] <= lowest:
+            return  # no message of this socket's user is covered by any row
+        for user, old_delivered, delivered, old_read, read, text in rows:
+            if (
+                user != me
+                and (st.covers_mine(old_delivered, delivered) or st.covers_mine(old_read, read))
+                and not await self._write(text, "receipt")
+            ):
+                return
 
     async def chat_membership(self, event: dict) -> None:
         conversation_id, change = event["conversation"], event["event"]
@@ -446,6 +695,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 st.sent = seq
                 await self._deliver(conversation_id, event)
                 return
+            if st.pending is None:
+                st.pending = {}
             st.pending[seq] = event
             await self._flush_pending(conversation_id, st)
 
@@ -475,7 +726,13 @@ class ChatConsumer(AsyncWebsocketConsumer):
             self.node.spawn(self._fill_gap(conversation_id, st))
 
     async def _fill_gap(self, conversation_id: int, st: ConversationState) -> None:
-        """Read the messages a socket is missing from Postgres (once per node)."""
+        """Read the messages a socket is missing from Postgres (once per node).
+
+        When a seq is committed, every lower seq is too (the seq is allocated under the
+        conversation row's lock, held until commit), so Postgres has what is missing.
+        """
+        if not st.pending:
+            return  # filled by the live path meanwhile
         after, before = st.sent, min(st.pending)
         try:
             rows = await self.node.message_frames_between(conversation_id, after, before)
@@ -494,9 +751,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
                         conversation_id, {"seq": seq, "sender": sender, "frame": text}
                     )
                     progressed = True
-            if not progressed and st.sent + 1 not in st.pending:
-                # Postgres has nothing to fill it with (or did not answer): write what we
-                # hold so that the client sees the gap and resumes.
+            if not progressed and st.sent == after and st.sent + 1 not in st.pending:
+                # Postgres has nothing to fill this gap with (or did not answer): write
+                # what we hold so that the client sees the gap and resumes. (Only for
+                # the gap this read was for: if the stream moved meanwhile, the gap now
+                # open is a new one, with its own wait.)
                 for seq in sorted(st.pending):
                     st.sent = seq
                     await self._deliver(conversation_id, st.pending.pop(seq))
@@ -509,7 +768,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
         published = _published_at(event)
         if published is not None:
             metrics.delivery_seconds.observe(max(time.time() - published, 0.0))
-        if event.get("sender") != self.user_id:
+        if event.get("sender") == self.user_id:
+            st = self.conversations.get(conversation_id)
+            if st is not None:
+                st.note_mine(event["seq"])
+        else:
             try:
                 await receipts.record_delivery(
                     conversation_id=conversation_id, user_id=self.user_id, seq=event["seq"]

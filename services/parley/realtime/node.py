@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from channels.layers import get_channel_layer
 
 from parley.chat import events, receipts, selectors
-from parley.realtime import conf, frames, metrics, presence
+from parley.realtime import conf, frames, metrics, presence, tokens
 from parley.realtime.db import db
 
 if TYPE_CHECKING:
@@ -54,6 +54,7 @@ class Node:
         self._typing: dict[tuple[int, int], float] = {}
         self._fetches: dict[tuple[int, int, int], tuple[float, asyncio.Future]] = {}
         self._member_counts: dict[int, tuple[float, int]] = {}
+        self._count_fetches: dict[int, asyncio.Task] = {}
         self._hooked: set[int] = set()
         self._last_echo = time.monotonic()
         self._unhealthy_since: float | None = None
@@ -356,13 +357,31 @@ class Node:
                 result[cid] = cached[1]
             else:
                 missing.append(cid)
-        if missing:
-            fresh = await db(selectors.conversation_member_counts)(conversation_ids=missing)
-            for cid in missing:
-                count = fresh.get(cid, 0)
-                self._member_counts[cid] = (now + MEMBER_COUNT_TTL, count)
-                result[cid] = count
+        if not missing:
+            return result
+        # One read per conversation however many sockets of it connect at once (a
+        # reconnect storm of a big room would otherwise read it once per socket).
+        to_fetch = [cid for cid in missing if cid not in self._count_fetches]
+        if to_fetch:
+            task = self.loop.create_task(
+                db(selectors.conversation_member_counts)(conversation_ids=to_fetch)
+            )
+            for cid in to_fetch:
+                self._count_fetches[cid] = task
+            task.add_done_callback(lambda t, ids=to_fetch: self._count_fetched(t, ids))
+        tasks = {cid: self._count_fetches[cid] for cid in missing}
+        for cid, task in tasks.items():
+            count = (await asyncio.shield(task)).get(cid, 0)
+            self._member_counts[cid] = (now + MEMBER_COUNT_TTL, count)
+            result[cid] = count
         return result
+
+    def _count_fetched(self, task: asyncio.Task, conversation_ids: list[int]) -> None:
+        for cid in conversation_ids:
+            if self._count_fetches.get(cid) is task:
+                del self._count_fetches[cid]
+        if not task.cancelled():
+            task.exception()  # retrieved here; the awaiting callers re-raise it
 
     # --- typing ----------------------------------------------------------------------------
 
@@ -403,6 +422,7 @@ class Node:
         }
         self._fetches = {k: v for k, v in self._fetches.items() if v[0] >= now}
         self._member_counts = {k: v for k, v in self._member_counts.items() if v[0] >= now}
+        tokens.cache.prune()
 
 
 async def flush_deliveries() -> None:

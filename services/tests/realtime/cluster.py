@@ -40,6 +40,7 @@ def child_env(db_name: str, **extra: str) -> dict[str, str]:
     env.update(extra)
     return env
 
+
 HERE = Path(__file__).resolve()
 SERVICES = HERE.parents[2]
 

@@ -300,6 +300,43 @@ async def test_a_lost_event_is_filled_from_postgres(room, alice, bob):
     await sock.disconnect()
 
 
+async def test_a_gap_fill_that_returns_after_the_stream_moved_does_not_skip_the_next_gap(
+    room, alice, bob, monkeypatch
+):
+    # Seen at 200 msg/s: a fill read for an old gap came back after the live path had
+    # closed that gap and a new one had opened; the socket gave up on the new one and
+    # wrote past it (a gap for the client, a message it never got live).
+    monkeypatch.setattr(conf, "GAP_WAIT_SECONDS", 0.05)
+    node = get_node()
+    original = node.message_frames_between
+    release, first_call = asyncio.Event(), asyncio.Event()
+    calls = []
+
+    async def slow_first(conversation_id, after, before):
+        calls.append((after, before))
+        rows = await original(conversation_id, after, before)
+        if len(calls) == 1:
+            first_call.set()
+            await release.wait()
+        return rows
+
+    monkeypatch.setattr(node, "message_frames_between", slow_first)
+    sock = await open_socket(bob)
+    m1, m2, _m3, m4 = await sync_to_async(quiet_messages)(room, alice, 4)
+    layer, group = get_channel_layer(), events.conversation_group(room.id)
+    await layer.group_send(group, events.message_event(m2))  # gap at 1: a fill starts
+    await asyncio.wait_for(first_call.wait(), 5)
+    await layer.group_send(group, events.message_event(m1))  # the live path closes it
+    assert [f["seq"] for f in await sock.messages(2)] == [1, 2]
+    await layer.group_send(group, events.message_event(m4))  # a new gap, at 3
+    await asyncio.sleep(0.01)
+    release.set()  # the old fill returns [1]: nothing for the gap at 3
+    frames = await sock.messages(2)
+    assert [f["seq"] for f in frames] == [3, 4]
+    assert calls == [(0, 2), (2, 4)]
+    await sock.disconnect()
+
+
 # --- typing, read, deliveries ----------------------------------------------------------------
 
 
@@ -358,6 +395,65 @@ async def test_delivery_is_recorded_for_recipients_not_the_sender(room, alice, b
     assert calls == [{"conversation_id": room.id, "user_id": bob.id, "seq": 1}]
     await a.disconnect()
     await b.disconnect()
+
+
+advance = sync_to_async(services.receipts_advance_many)
+
+
+async def test_receipts_reach_every_member_of_a_small_conversation_in_one_event(
+    room, alice, bob, carol
+):
+    await sync_to_async(services.room_join)(user=carol, slug=room.slug)
+    socks = {u.username: await open_socket(u) for u in (alice, bob, carol)}
+    await send_message(sender=alice, conversation_id=room.id, body="x")
+    for sock in socks.values():
+        await sock.expect("message")
+    moved = await advance(conversation_id=room.id, positions={bob.id: (1, 0), carol.id: (1, 1)})
+    assert moved == [(bob.id, 0, 1, 0, 0), (carol.id, 0, 1, 0, 1)]
+    for sock in socks.values():
+        assert await sock.expect("receipt", user=bob.id) == {
+            "type": "receipt",
+            "conversation": room.id,
+            "user": bob.id,
+            "delivered_seq": 1,
+            "read_seq": 0,
+        }
+        await sock.expect("receipt", user=carol.id, delivered_seq=1, read_seq=1)
+    # Nothing moves, nothing is sent.
+    assert await advance(conversation_id=room.id, positions={bob.id: (1, 0)}) == []
+    await socks["alice"].nothing("receipt", 0.3)
+    for sock in socks.values():
+        await sock.disconnect()
+
+
+async def test_in_a_big_conversation_receipts_go_to_the_senders_they_cover(
+    room, alice, bob, carol, settings
+):
+    settings.PARLEY_RECEIPT_BROADCAST_MAX_MEMBERS = 2  # the room has 3 members
+    await sync_to_async(services.room_join)(user=carol, slug=room.slug)
+    a, b, c = await open_socket(alice), await open_socket(bob), await open_socket(carol)
+    # seq 1 from alice's socket, seq 2 from carol over HTTP (her socket sees it relayed).
+    await a.send({"type": "send", "conversation": room.id, "client_id": "r1", "body": "one"})
+    await a.expect("ack")
+    await send_message(sender=carol, conversation_id=room.id, body="two")
+    for sock in (a, b, c):
+        await sock.messages(2)
+
+    # bob's delivery of 1 is news to alice only.
+    await advance(conversation_id=room.id, positions={bob.id: (1, 0)})
+    await a.expect("receipt", user=bob.id, delivered_seq=1, read_seq=0)
+    await c.nothing("receipt", 0.3)
+    await b.nothing("receipt", 0.05)  # his own delivery: no frame
+    # bob's delivery of 2 is news to carol only.
+    await advance(conversation_id=room.id, positions={bob.id: (2, 0)})
+    await c.expect("receipt", user=bob.id, delivered_seq=2, read_seq=0)
+    await a.nothing("receipt", 0.3)
+    # bob reading both: alice and carol (each has a message in it) and bob's own sockets.
+    await advance(conversation_id=room.id, positions={bob.id: (2, 2)})
+    for sock in (a, b, c):
+        await sock.expect("receipt", user=bob.id, delivered_seq=2, read_seq=2)
+    for sock in (a, b, c):
+        await sock.disconnect()
 
 
 # --- membership ----------------------------------------------------------------------------
