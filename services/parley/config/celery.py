@@ -34,6 +34,11 @@ app.config_from_object("django.conf:settings", namespace="CELERY")
 # run twice. Lower means faster recovery from a killed worker.
 VISIBILITY_TIMEOUT = env.int("CELERY_VISIBILITY_TIMEOUT", default=900)
 
+# Celery's Django fixup closes the database connection before and after every task
+# unless this is set; parley.worker.runtime manages connections instead (persistent,
+# checked and closed when unusable or older than WORKER_DB_CONN_MAX_AGE).
+app.conf["CELERY_DB_REUSE_MAX"] = 1_000_000_000
+
 # ... and the settings this service relies on, explicitly (they override settings.py).
 app.conf.update(
     # Two queues, so that a slow mail server never delays receipts.

@@ -184,7 +184,9 @@ elif CHANNEL_LAYER_BACKEND == "memory":
 else:
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+            # channels_redis' pub/sub layer, decoding a group message once per node
+            # instead of once per local receiver (parley/realtime/layers.py).
+            "BACKEND": "parley.realtime.layers.SharedDecodePubSubChannelLayer",
             "CONFIG": {"hosts": _layer_hosts, "prefix": CHANNEL_LAYER_PREFIX},
         }
     }

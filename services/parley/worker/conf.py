@@ -49,3 +49,8 @@ def liveness_max_age() -> float:
 def sweep_interval() -> float:
     """How often (seconds) one worker looks for staged receipts whose flush was lost."""
     return knob_float("PARLEY_RECEIPT_SWEEP_SECONDS", 30)
+
+
+def db_conn_max_age() -> int:
+    """Seconds a pool process keeps its Postgres connection between tasks."""
+    return knob_int("WORKER_DB_CONN_MAX_AGE", 60)

@@ -52,15 +52,24 @@ def on_worker_init() -> None:
 
 
 def _database_without_pool() -> None:
-    """Celery's Django fixup closes the connection around every task in a prefork pool,
-    and with a psycopg pool it closes the whole pool (threads and all) each time. A plain
-    connection per task is cheaper, and a Postgres restart costs at most one task a retry.
+    """One persistent connection per pool process instead of a psycopg pool.
+
+    Celery's Django fixup would close the connection around every task (with a psycopg
+    pool, the whole pool, threads and all). Opening a connection per task was a fifth
+    of the worker's CPU at 150 msg/s (docs/benchmarks.md), so parley.config.celery turns
+    the fixup's closing off (CELERY_DB_REUSE_MAX) and the task signals below do what
+    Django does around a request: close_old_connections(), which keeps a usable
+    connection for WORKER_DB_CONN_MAX_AGE seconds and drops one that failed (health
+    checks on), so a Postgres restart costs at most one task a retry.
     """
     from django.conf import settings
 
     for db in settings.DATABASES.values():
-        if db.get("OPTIONS", {}).pop("pool", None) is not None:
-            db["CONN_MAX_AGE"] = 0
+        db.get("OPTIONS", {}).pop("pool", None)
+        db["CONN_MAX_AGE"] = conf.db_conn_max_age()
+        db["CONN_HEALTH_CHECKS"] = True
+        # Named in pg_stat_activity, so that an operator (and a test) can tell them apart.
+        db.setdefault("OPTIONS", {}).setdefault("application_name", "parley-worker")
 
 
 def on_worker_ready(*, hostname: str) -> None:
@@ -146,7 +155,11 @@ def _on_received(request=None, **kwargs) -> None:
 
 
 def _on_prerun(task_id=None, task=None, **kwargs) -> None:
+    from django.db import close_old_connections
+
     from parley.worker.metrics import metrics
+
+    close_old_connections()
 
     now = time.time()
     _started[task_id] = now
@@ -163,7 +176,11 @@ def _on_prerun(task_id=None, task=None, **kwargs) -> None:
 
 
 def _on_postrun(task_id=None, task=None, state=None, **kwargs) -> None:
+    from django.db import close_old_connections
+
     from parley.worker.metrics import metrics
+
+    close_old_connections()
 
     m = metrics()
     started = _started.pop(task_id, None)

@@ -96,7 +96,9 @@ def test_probes_answer_whatever_the_host_header(db, settings):
 
 
 def test_csp_allows_every_realtime_url_and_no_inline_script(db, settings):
-    settings.REALTIME_PUBLIC_URL = "wss://rt-a.example.com/ws/chat/, wss://rt-b.example.com/ws/chat/"
+    settings.REALTIME_PUBLIC_URL = (
+        "wss://rt-a.example.com/ws/chat/, wss://rt-b.example.com/ws/chat/"
+    )
     csp = Client().get("/login/")["Content-Security-Policy"]
     assert "connect-src 'self' wss://rt-a.example.com wss://rt-b.example.com;" in csp
     assert "script-src 'self';" in csp and "unsafe-inline" not in csp

@@ -3,6 +3,7 @@ that refuses everything. Each test runs its own workers."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import signal
@@ -26,6 +27,18 @@ def positions(conversation_id: int, user_id: int) -> tuple[int, int]:
     return m.last_delivered_seq, m.last_read_seq
 
 
+def email_in_flight(user_factory, sink, body: str):
+    """alice writes to offline bob in a room; returns (bob, room) once the worker's email
+    to bob has reached the (slow) mail server, i.e. while the task waits for its answer."""
+    alice = user_factory("alice", email="alice@example.test")
+    bob = user_factory("bob", email="bob@example.test")
+    room = services.room_create(creator=alice, name="General")
+    services.room_join(user=bob, slug=room.slug)
+    services.message_create(sender=alice, conversation_id=room.id, body=body)
+    wait_for(lambda: sink.to(bob.email), timeout=20, what="the email to reach the server")
+    return bob, room
+
+
 def test_worker_killed_mid_email_the_task_runs_again_elsewhere_without_a_second_email(
     worker_env, user_factory
 ):
@@ -41,13 +54,7 @@ def test_worker_killed_mid_email_the_task_runs_again_elsewhere_without_a_second_
     first = second = None
     try:
         first = Worker("kill1", env).wait_ready()
-        alice = user_factory("alice", email="alice@example.test")
-        bob = user_factory("bob", email="bob@example.test")
-        room = services.room_create(creator=alice, name="General")
-        services.room_join(user=bob, slug=room.slug)
-        services.message_create(sender=alice, conversation_id=room.id, body="are you there?")
-
-        wait_for(lambda: sink.to(bob.email), timeout=20, what="the email to reach the server")
+        bob, room = email_in_flight(user_factory, sink, "are you there?")
         first.kill()  # kill -9 of the whole worker while it waits for the server's answer
         second = Worker("kill2", env).wait_ready()
 
@@ -65,6 +72,49 @@ def test_worker_killed_mid_email_the_task_runs_again_elsewhere_without_a_second_
         for w in (first, second):
             if w:
                 w.stop()
+        sink.stop()
+
+
+def test_a_killed_pool_process_gives_its_task_back_at_once_without_a_second_email(
+    worker_env, user_factory
+):
+    # Only the pool process running the task dies (the OOM killer, a segfault): the
+    # worker's main process sees it and requeues the task at once (acks_late +
+    # reject_on_worker_lost), long before the 15 min visibility timeout would.
+    import psutil
+
+    sink = SmtpSink(hold=20)
+    env = {**worker_env, "EMAIL_URL": sink.url, "CELERY_VISIBILITY_TIMEOUT": "900"}
+    worker = None
+    try:
+        worker = Worker("killchild", env).wait_ready()
+        bob, _ = email_in_flight(user_factory, sink, "still there?")
+
+        smtp_port = sink.port
+
+        def sender():
+            for child in psutil.Process(worker.pid).children():
+                with contextlib.suppress(psutil.Error):
+                    if any(c.raddr and c.raddr.port == smtp_port for c in child.net_connections()):
+                        return child
+            return None
+
+        child = sender()
+        assert child is not None, "the pool process talking to the mail server"
+        killed_at = time.monotonic()
+        child.kill()
+        wait_for(
+            lambda: worker.tasks_done(EMAIL) >= 1,
+            timeout=30,
+            what="the email task to run again in a new pool process",
+        )
+        assert time.monotonic() - killed_at < 30  # requeued, not restored after 900 s
+        assert worker.proc.poll() is None, "the worker itself lives on"
+        assert worker.metric("parley_notification_emails_total", result="skipped") == 1
+        assert len(sink.to(bob.email)) == 1  # not a second one
+    finally:
+        if worker:
+            worker.stop()
         sink.stop()
 
 
