@@ -178,6 +178,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--no-docs", action="store_true", help="do not touch docs/benchmarks.md")
     p.add_argument("--keep-db", action="store_true", help="keep the database afterwards")
+    p.add_argument(
+        "--config-timeout",
+        type=float,
+        default=1800.0,
+        help="give up on one configuration's measurement after this many seconds",
+    )
     p.add_argument("--seed", type=int, default=1, help="random seed of the schedules")
     args = p.parse_args(argv)
     for key, value in PROFILES[args.profile].items():
@@ -704,7 +710,9 @@ def run_config(config: str, args, runid: str, logroot: Path, say) -> dict:
             f"== {config}: ready in {time.monotonic() - started:.1f} s; "
             f"measuring (load {os.getloadavg()[0]:.2f})"
         )
-        result = _run_async(measure(config, topo, seeded, args, runid, say, logdir))
+        result = _run_async(
+            _bounded(measure(config, topo, seeded, args, runid, say, logdir), args, config, say)
+        )
         if args.locust and config != "noop":
             result["locust"] = run_locust(topo, seeded, args, runid, config, logdir, say)
         result["env"] = {k: topo.env[k] for k in sorted(topo.env) if k in _SHOWN_ENV}
@@ -787,6 +795,16 @@ _SHOWN_ENV = {
     "LOG_LEVEL",
     "PARLEY_RATE_MESSAGES_PER_10S",
 }
+
+
+async def _bounded(coro, args, config: str, say) -> dict:
+    """One configuration's measurement, given up after --config-timeout seconds (a naive
+    run once waited forever); the other configurations are still measured and saved."""
+    try:
+        return await asyncio.wait_for(coro, args.config_timeout)
+    except TimeoutError:
+        say(f"== {config}: gave up after {args.config_timeout:.0f} s")
+        return {"error": f"measurement did not finish within {args.config_timeout:.0f} s"}
 
 
 def _run_async(coro):

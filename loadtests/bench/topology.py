@@ -98,27 +98,22 @@ def admin_url(url: str) -> str:
 def recreate_database(database_url: str) -> None:
     """Drop and create the benchmark's own database (never anyone else's: the name must
     start with parley_lt)."""
-    import psycopg
-
     name = urlsplit(database_url).path.lstrip("/")
     if not name.startswith("parley_lt"):
         raise SystemExit(f"refusing to recreate {name!r}: the benchmark's database is parley_lt*")
-    with psycopg.connect(admin_url(database_url), autocommit=True, connect_timeout=5) as conn:
-        conn.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE datname = %s AND pid <> pg_backend_pid()",
-            [name],
-        )
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        conn.execute(f'CREATE DATABASE "{name}"')
+    _drop(database_url, name, create=True)
 
 
 def drop_database(database_url: str) -> None:
+    name = urlsplit(database_url).path.lstrip("/")
+    if name.startswith("parley_lt"):
+        _drop(database_url, name, create=False)
+
+
+def _drop(database_url: str, name: str, *, create: bool) -> None:
+    """Close its sessions and drop the database `name` (then create it again if asked)."""
     import psycopg
 
-    name = urlsplit(database_url).path.lstrip("/")
-    if not name.startswith("parley_lt"):
-        return
     with psycopg.connect(admin_url(database_url), autocommit=True, connect_timeout=5) as conn:
         conn.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
@@ -126,6 +121,8 @@ def drop_database(database_url: str) -> None:
             [name],
         )
         conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        if create:
+            conn.execute(f'CREATE DATABASE "{name}"')
 
 
 def _wait(predicate, timeout: float, what: str, procs: list[Proc]) -> None:

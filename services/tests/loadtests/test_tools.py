@@ -33,12 +33,18 @@ def private_redis(tmp_path):
         server.stop()
 
 
-def test_bench_and_locust_smoke(tmp_path, private_redis):
-    db_name = f"parley_lt_smoke_{os.getpid()}"
+def tool_setup(db_name: str) -> tuple[str, dict[str, str]]:
+    """A database URL of the tool's own (on the tests' server) and the environment to run
+    a tool from the repository with."""
     database_url = urlunsplit(urlsplit(os.environ["DATABASE_URL"])._replace(path="/" + db_name))
-    results = tmp_path / "results"
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "services")])
+    return database_url, env
+
+
+def test_bench_and_locust_smoke(tmp_path, private_redis):
+    database_url, env = tool_setup(f"parley_lt_smoke_{os.getpid()}")
+    results = tmp_path / "results"
     argv = [
         sys.executable,
         "-m",
@@ -107,3 +113,24 @@ def test_bench_and_locust_smoke(tmp_path, private_redis):
         check["lost_deliveries"] == check["duplicate_frames"] == check["order_violations"] == 0
     ), check
     assert check["acked_missing"] == check["duplicate_messages"] == 0, check
+
+
+def test_history_bench_smoke(tmp_path, private_redis):
+    database_url, env = tool_setup(f"parley_lt_history_smoke_{os.getpid()}")
+    results = tmp_path / "results"
+    argv = [
+        *(sys.executable, "-m", "loadtests.bench.history"),
+        *("--messages", "3000", "--requests", "20"),
+        *("--database-url", database_url, "--redis-url", private_redis.url),
+        *("--results-dir", str(results)),
+    ]
+    proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=140)
+    output = proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert proc.returncode == 0, output
+    (path,) = results.glob("*-history.json")
+    pages = json.loads(path.read_text())["pages"]
+    assert set(pages) == {"newest", "before", "after"}
+    for name, page in pages.items():
+        assert page["statuses"] == {"200": 20}, (name, page)
+        assert page["wrong_pages"] == 0, (name, page)
+        assert page["latency_ms"]["p99"] is not None
