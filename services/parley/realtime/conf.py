@@ -25,6 +25,12 @@ def node_id() -> str:
 DRAIN_SECONDS = _float("REALTIME_DRAIN_SECONDS", 10.0)
 # Hard cap from SIGTERM to exit (keep it under terminationGracePeriodSeconds).
 GRACE_SECONDS = _float("REALTIME_GRACE_SECONDS", 25.0)
+# Each shutdown step that talks to Redis or Postgres (flushing delivery receipts) gets
+# this long; Redis and Postgres may be stopping at the same time as the replica.
+SHUTDOWN_STEP_SECONDS = 3.0
+# Once the server has shut down, threads still blocked in a Redis or Postgres call (a
+# host that stopped answering, a lock) get this long before the process exits anyway.
+EXIT_WAIT_SECONDS = 3.0
 # After the channel layer lost its Redis connection, the node's sockets may have missed
 # events: they are closed with 1011 spread over this window and resume elsewhere/here.
 RESYNC_SECONDS = _float("REALTIME_RESYNC_SECONDS", 3.0)

@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import random
@@ -82,12 +81,15 @@ class Node:
             logger.info("realtime node %s started", self.id)
 
     async def stop(self) -> None:
+        """Stop the node's loops and flush what is buffered, every step bounded: Redis
+        and Postgres may be stopping at the same moment (`podman-compose down` stops
+        every container at once), and a cancelled task that waits in a database thread
+        only ends when the thread does."""
+        started = time.monotonic()
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await bounded(asyncio.wait(tasks) if tasks else asyncio.sleep(0), "stopping the loops", 2)
         for task in list(self._background):
             if task.get_name() == "parley-send-worker":  # idle workers wait forever
                 task.cancel()
@@ -95,8 +97,9 @@ class Node:
             await asyncio.wait(list(self._background), timeout=2)
         for task in list(self._background):
             task.cancel()
-        await flush_deliveries()
+        await bounded(flush_deliveries(), "flushing delivery receipts", conf.SHUTDOWN_STEP_SECONDS)
         self._started = False
+        logger.info("node stopped in %.1f s", time.monotonic() - started)
 
     def spawn(self, coro, name: str | None = None) -> asyncio.Task:
         """A background task the node keeps a reference to (and waits for on stop)."""
@@ -142,7 +145,7 @@ class Node:
         window = conf.DRAIN_SECONDS if window is None else window
         logger.info("draining %d sockets over %.1f s", len(self.sockets), window)
         await self.close_spread(list(self.sockets), code=1012, window=window)
-        await flush_deliveries()
+        await bounded(flush_deliveries(), "flushing delivery receipts", conf.SHUTDOWN_STEP_SECONDS)
 
     def resync(self, reason: str, *, connected_before: float | None = None) -> None:
         """The layer may have lost events: close the sockets that were open with 1011."""
@@ -423,6 +426,21 @@ class Node:
         self._fetches = {k: v for k, v in self._fetches.items() if v[0] >= now}
         self._member_counts = {k: v for k, v in self._member_counts.items() if v[0] >= now}
         tokens.cache.prune()
+
+
+async def bounded(awaitable, what: str, timeout: float) -> None:
+    """Await `awaitable` for at most `timeout` seconds, then go on without it (logged).
+
+    Not asyncio.wait_for: on timeout it waits for the cancellation to finish, and a
+    coroutine in asyncio.to_thread or database_sync_to_async finishes only when its
+    thread does (a Redis or Postgres call on a host that stopped answering)."""
+    task = asyncio.ensure_future(awaitable)
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    if not done:
+        task.cancel()
+        logger.warning("%s: still not done after %.1f s, going on without it", what, timeout)
+    elif not task.cancelled() and task.exception() is not None:
+        logger.warning("%s failed: %r", what, task.exception())
 
 
 async def flush_deliveries() -> None:

@@ -7,7 +7,8 @@ SIGTERM (or the first Ctrl-C):
 2. close the open sockets with 1012 (Service Restart: reconnect elsewhere), spread evenly
    over REALTIME_DRAIN_SECONDS so that the other replicas do not take every reconnect in
    the same instant; sends being committed get their ack first;
-3. let uvicorn finish (lifespan shutdown flushes delivery receipts) and exit 0.
+3. let uvicorn finish (lifespan shutdown flushes delivery receipts) and exit 0; threads
+   still blocked in a Redis or Postgres call 3 s after that do not hold the exit.
 A second signal skips the rest of the drain; REALTIME_GRACE_SECONDS after the first,
 the process exits whatever it is doing (set it below terminationGracePeriodSeconds).
 """
@@ -28,16 +29,32 @@ def _uvicorn_server_class():
     import uvicorn
 
     class DrainingServer(uvicorn.Server):
-        def __init__(self, config, *, drain_seconds: float, grace_seconds: float) -> None:
+        def __init__(
+            self,
+            config,
+            *,
+            drain_seconds: float,
+            grace_seconds: float,
+            exit_wait_seconds: float = 3.0,
+        ) -> None:
             super().__init__(config)
             self.drain_seconds = drain_seconds
             self.grace_seconds = grace_seconds
+            self.exit_wait_seconds = exit_wait_seconds
             self._loop: asyncio.AbstractEventLoop | None = None
             self._drain_task: asyncio.Task | None = None
 
         async def serve(self, sockets=None) -> None:
             self._loop = asyncio.get_running_loop()
             await super().serve(sockets=sockets)
+            # Drained and shut down. What is left is asyncio.run's cleanup and the
+            # interpreter's exit, and both wait for every thread: one blocked in a Redis
+            # or Postgres call (the host stopped answering, a row lock) would hold the
+            # exit until the grace timer kills the process with 1. The drain is done, so
+            # such threads get EXIT_WAIT_SECONDS and the process exits 0 anyway.
+            timer = threading.Timer(self.exit_wait_seconds, self._stuck_on_exit)
+            timer.daemon = True
+            timer.start()
 
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             # Unlike uvicorn's, no re-raise of the signal after shutdown: a drained
@@ -67,6 +84,21 @@ def _uvicorn_server_class():
                 logger.exception("drain failed")
             finally:
                 self.should_exit = True
+
+        def _stuck_on_exit(self) -> None:
+            stuck = [
+                t.name
+                for t in threading.enumerate()
+                if t is not threading.current_thread() and t is not threading.main_thread()
+            ]
+            logger.warning(
+                "drained, but %d thread(s) still busy %.0f s later (%s): exiting",
+                len(stuck),
+                self.exit_wait_seconds,
+                ", ".join(stuck[:10]),
+            )
+            logging.shutdown()
+            os._exit(0)
 
         def _out_of_time(self) -> None:
             logger.error("still running %.0f s after the signal: exiting", self.grace_seconds)
@@ -157,6 +189,7 @@ def serve(
         config,
         drain_seconds=conf.DRAIN_SECONDS if drain_seconds is None else drain_seconds,
         grace_seconds=conf.GRACE_SECONDS if grace_seconds is None else grace_seconds,
+        exit_wait_seconds=conf.EXIT_WAIT_SECONDS,
     )
     logger.info("realtime node %s listening on %s:%s", conf.node_id(), host, port)
     server.run()

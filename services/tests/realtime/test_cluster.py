@@ -611,3 +611,88 @@ def test_zz_idle_socket_on_the_core_layer_stays_open_for_more_than_a_minute(clus
                 "timeout (#4091): give it the host dicts with socket_timeout too"
             )
         raise
+
+
+def test_sigterm_while_redis_hangs_still_drains_and_exits_0_in_time(cluster, room, alice):
+    """`podman-compose down` (and a namespace deletion) stop Redis and Postgres at the same
+    moment as the replicas: a replica whose Redis stopped answering mid-drain must still
+    close its sockets with 1012 and exit 0 within its grace, not hang in Redis calls
+    until it is killed."""
+    redis_server = RedisServer(cluster.logdir)
+    cluster.procs.append(redis_server)
+    redis_server.wait_ready()
+    proc = cluster.realtime(
+        "H", REDIS_URL=redis_server.url, REALTIME_DRAIN_SECONDS="2", REALTIME_GRACE_SECONDS="20"
+    )
+    proc.wait_ready()
+    token = token_for(alice)
+
+    async def scenario():
+        socks = [await Simple.open(proc.ws_url, token) for _ in range(12)]
+        for n, sock in enumerate(socks):  # deliveries and reads pending for the flush
+            await sock.send(
+                {
+                    "type": "send",
+                    "conversation": room.id,
+                    "client_id": f"h-{n}",
+                    "body": f"before {n}",
+                }
+            )
+        await asyncio.sleep(0.5)
+        redis_server.signal(signal.SIGSTOP)  # accepts connections, answers nothing
+        started = time.monotonic()
+        proc.signal(signal.SIGTERM)
+        codes = await asyncio.gather(*(s.wait_closed(timeout=10) for s in socks))
+        return started, codes
+
+    try:
+        started, codes = asyncio.run(scenario())
+        code = proc.wait(25)
+        took = time.monotonic() - started
+    finally:
+        redis_server.signal(signal.SIGCONT)
+    assert codes == [1012] * 12, codes
+    assert code == 0, proc.tail(60)
+    # drain window 2 s + bounded flushes; far below the 20 s grace
+    assert took < 12, (took, proc.tail(60))
+
+
+def test_sigterm_while_a_send_waits_on_a_row_lock_exits_0_in_time(cluster, room, alice):
+    """A send blocked in a database thread (here: another session holds the
+    conversation's row lock) must not hold the exit: the drain closes the socket with
+    1012 and the process exits 0 long before its grace, although the thread is still
+    waiting. (asyncio.run and the interpreter both wait for every thread.)"""
+    import psycopg
+    from django.db import connection
+
+    proc = cluster.realtime("L", REALTIME_DRAIN_SECONDS="1", REALTIME_GRACE_SECONDS="30")
+    proc.wait_ready()
+    token = token_for(alice)
+    params = connection.get_connection_params()
+    params.pop("cursor_factory", None)
+    params.pop("context", None)
+    locker = psycopg.connect(**{k: v for k, v in params.items() if k != "pool"})
+    try:
+        locker.execute("SELECT id FROM chat_conversation WHERE id = %s FOR UPDATE", [room.id])
+
+        async def scenario():
+            sock = await Simple.open(proc.ws_url, token)
+            await sock.send(
+                {"type": "send", "conversation": room.id, "client_id": "locked", "body": "x"}
+            )
+            await asyncio.sleep(0.5)  # the send now waits for the lock in a DB thread
+            started = time.monotonic()
+            proc.signal(signal.SIGTERM)
+            return started, await sock.wait_closed(timeout=10)
+
+        started, code = asyncio.run(scenario())
+        exit_code = proc.wait(25)
+        took = time.monotonic() - started
+    finally:
+        locker.rollback()
+        locker.close()
+    assert code == 1012
+    assert exit_code == 0, proc.tail(60)
+    # drain 1 s + uvicorn's 5 s for running handlers + 3 s for stuck threads
+    assert took < 14, (took, proc.tail(60))
+    assert "still busy" in proc.tail(60)
