@@ -85,11 +85,17 @@ app.conf.update(
         # interval x throttle seconds, about 10 s.
         "unacked_restore_interval": env.int("CELERY_UNACKED_RESTORE_INTERVAL", default=10),
         "unacked_restore_throttle": 1,
-        # Detect a dead or restarted Redis instead of waiting forever on a socket.
-        "socket_timeout": 30,
+        # Detect a dead, restarted or unanswering Redis instead of waiting on a socket.
+        # The worker's event loop makes these calls itself (binding refreshes, restore
+        # sweeps): while one waits, nothing else runs, not even a warm shutdown. With
+        # 30 s and a retry on timeout, a Redis that stopped answering held SIGTERM for
+        # over 90 s; now a call fails after 5 s and the consumer reconnects, and
+        # shutdown proceeds (tests/worker/test_reliability.py). Kombu's BRPOP waits
+        # 1 s, well under the timeout.
+        "socket_timeout": 5,
         "socket_connect_timeout": 5,
         "socket_keepalive": True,
-        "retry_on_timeout": True,
+        "retry_on_timeout": False,
         "health_check_interval": 15,
     },
     # Enqueueing (from web, realtime and tasks) retries briefly, then raises: callers

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import email
@@ -21,10 +22,10 @@ from urllib.parse import quote
 import redis
 from aiosmtpd.controller import Controller
 
+from parley.cli import celery_argv
 from parley.embedded import free_port
 
 REPO = Path(__file__).resolve().parents[3]
-CELERY = str(Path(sys.executable).with_name("celery"))
 REDIS_SERVER = "/usr/bin/redis-server"
 
 
@@ -70,26 +71,19 @@ class Worker:
             "PROMETHEUS_MULTIPROC_DIR": str(self.dir / "metrics"),
         }
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        # As `parley worker` runs it (without mingle and gossip, which nothing uses).
+        # Exactly the command `parley worker` execs (celery_argv), with a name and log
+        # level of the test's.
+        argv = celery_argv(
+            argparse.Namespace(
+                queues="receipts,notifications",
+                concurrency=concurrency,
+                loglevel="info",
+                name=f"{name}@%h",
+            ),
+            [],
+        )
         self.proc = subprocess.Popen(
-            [
-                CELERY,
-                "-A",
-                "parley.config.celery",
-                "worker",
-                "-Q",
-                "receipts,notifications",
-                "-c",
-                str(concurrency),
-                "--pool",
-                "prefork",
-                "-n",
-                f"{name}@%h",
-                "-l",
-                "info",
-                "--without-mingle",
-                "--without-gossip",
-            ],
+            argv,
             env=self.env,
             cwd=REPO,
             stdout=self._log,
