@@ -438,7 +438,9 @@ class HostNetworkStack:
         self.names: list[str] = []
         self.db_name = f"parley_ctest_{run_id.replace('-', '_')}"
         database_url = os.environ.get("DATABASE_URL") or "postgres://postgres@127.0.0.1:5432/parley"
-        self.admin_url = database_url
+        # CREATE/DROP DATABASE through the maintenance database: the configured one
+        # need not exist yet on a fresh machine.
+        self.admin_url = urlunsplit(urlsplit(database_url)._replace(path="/postgres"))
         self.database_url = urlunsplit(urlsplit(database_url)._replace(path="/" + self.db_name))
         redis_url = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
         self.redis_db = int(os.environ.get("PARLEY_CONTAINER_TEST_REDIS_DB", "14"))
@@ -1028,6 +1030,20 @@ class ComposeStack:
             c["Names"][0]: c["Labels"].get("com.docker.compose.service") for c in self.containers()
         }
         since = str(int(time.time()) - 1)
+        # down removes the containers with their logs: follow them while they stop, so
+        # that a container that does not stop cleanly can say why.
+        followers = {}
+        for name in services:
+            out = tempfile.TemporaryFile()  # noqa: SIM115 (closed after down, below)
+            followers[name] = (
+                subprocess.Popen(
+                    ["podman", "logs", "-f", "--tail", "30", name],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                ),
+                out,
+            )
         start = time.monotonic()
         proc = self.compose("down", "--volumes", timeout=300, check_rc=False)
         took = time.monotonic() - start
@@ -1055,6 +1071,18 @@ class ComposeStack:
             if name in services:
                 exit_codes[name] = code
         killed = {n: c for n, c in exit_codes.items() if c not in ("0",)}
+        for name, (follower, out) in followers.items():
+            try:
+                follower.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                follower.kill()
+                follower.wait()
+            if name in killed:
+                out.seek(0)
+                text = out.read().decode("utf-8", "replace").splitlines()
+                say(f"--- {name} exited {killed[name]}; its last log lines:")
+                say("\n".join(text[-60:]))
+            out.close()
         running = [n for n in services if services[n] != "migrate"]
         check(
             "down stops every container by itself within its grace period (exit 0, none killed)",
