@@ -537,7 +537,11 @@ async def measure(
             spy_file = args.results_dir / f"{stamp()}-pyspy-realtime-A-connect-{config}.txt"
             spy = pyspy.record(topo.realtime[0].pid, spy_file, max(3.0, len(rest) / 200), fmt="raw")
             await asyncio.sleep(0.5)
+        cpu0, t0 = await asyncio.to_thread(meter.cpu), time.monotonic()
         opened = await gen.open_all(rest, concurrency=200, timeout=120)
+        # Which process bounds the connect rate: cores used per process group while
+        # the sockets opened (the generator's own handshakes cost about as much).
+        opened["cores"] = Meter.cores(cpu0, await asyncio.to_thread(meter.cpu), time.monotonic() - t0)
         if spy is not None:
             await asyncio.to_thread(pyspy.finish, spy)
             if spy_file.exists() and spy_file.stat().st_size:
@@ -555,7 +559,7 @@ async def measure(
             f"  idle sockets: {opened['opened']}/{opened['sockets']} opened at "
             f"{opened['per_second']}/s, {opened['bytes_per_socket'] / 1024:.1f} KiB each "
             f"(RSS {opened['rss_before_mb']} -> {opened['rss_after_mb']} MiB), "
-            f"failed {opened['failed']}"
+            f"failed {opened['failed']}; cores {opened['cores']}"
         )
         await gen.close_all(idle)
         await asyncio.sleep(1)
