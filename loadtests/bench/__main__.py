@@ -540,8 +540,9 @@ async def measure(
         cpu0, t0 = await asyncio.to_thread(meter.cpu), time.monotonic()
         opened = await gen.open_all(rest, concurrency=200, timeout=120)
         # Which process bounds the connect rate: cores used per process group while
-        # the sockets opened (the generator's own handshakes cost about as much).
-        opened["cores"] = Meter.cores(cpu0, await asyncio.to_thread(meter.cpu), time.monotonic() - t0)
+        # the sockets opened (the generator's client side must stay well below).
+        cpu1 = await asyncio.to_thread(meter.cpu)
+        opened["cores"] = Meter.cores(cpu0, cpu1, time.monotonic() - t0)
         if spy is not None:
             await asyncio.to_thread(pyspy.finish, spy)
             if spy_file.exists() and spy_file.stat().st_size:
