@@ -32,43 +32,61 @@ logger = logging.getLogger(__name__)
 ONLINE_KEY = f"{chat_presence.KEY_PREFIX}online"
 REDIS_ERRORS = (redis.RedisError, OSError, TimeoutError)
 
-# KEYS[1] the user's hash, KEYS[2] the online set.
-# ARGV: now, user id, hash ttl, then (field, expiry) pairs; expiry "-" deletes the field.
-# Returns 1 (became online), -1 (became offline) or 0.
+# One script for every change, for any number of users in one call (the heartbeat of a
+# node with 10,000 sockets is a few calls, not 10,000: the per-call client work was the
+# cost, not Redis').
+# KEYS[1] the online set, KEYS[1 + i] user i's hash.
+# ARGV: now, hash ttl, then per user: user id, n, then n (field, expiry) pairs; expiry
+# "-" deletes the field.
+# Returns one transition per user, in order: 1 (became online), -1 (became offline), 0.
 _UPDATE = """
 local now = tonumber(ARGV[1])
-for i = 4, #ARGV, 2 do
-  if ARGV[i + 1] == '-' then
-    redis.call('HDEL', KEYS[1], ARGV[i])
+local ttl = ARGV[2]
+local pos = 3
+local out = {}
+for k = 2, #KEYS do
+  local hash = KEYS[k]
+  local uid = ARGV[pos]
+  local n = tonumber(ARGV[pos + 1])
+  pos = pos + 2
+  for j = 1, n do
+    if ARGV[pos + 1] == '-' then
+      redis.call('HDEL', hash, ARGV[pos])
+    else
+      redis.call('HSET', hash, ARGV[pos], ARGV[pos + 1])
+    end
+    pos = pos + 2
+  end
+  local vals = redis.call('HGETALL', hash)
+  local live, latest = 0, 0
+  for i = 1, #vals, 2 do
+    local expiry = tonumber(vals[i + 1])
+    if expiry == nil or expiry <= now then
+      redis.call('HDEL', hash, vals[i])
+    else
+      live = live + 1
+      if expiry > latest then latest = expiry end
+    end
+  end
+  local was = redis.call('ZSCORE', KEYS[1], uid)
+  local change = 0
+  if live == 0 then
+    redis.call('DEL', hash)
+    if was then
+      redis.call('ZREM', KEYS[1], uid)
+      change = -1
+    end
   else
-    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+    redis.call('ZADD', KEYS[1], latest, uid)
+    redis.call('EXPIRE', hash, ttl)
+    if not was then change = 1 end
   end
+  out[#out + 1] = change
 end
-local vals = redis.call('HGETALL', KEYS[1])
-local live, latest = 0, 0
-for i = 1, #vals, 2 do
-  local expiry = tonumber(vals[i + 1])
-  if expiry == nil or expiry <= now then
-    redis.call('HDEL', KEYS[1], vals[i])
-  else
-    live = live + 1
-    if expiry > latest then latest = expiry end
-  end
-end
-local was = redis.call('ZSCORE', KEYS[2], ARGV[2])
-if live == 0 then
-  redis.call('DEL', KEYS[1])
-  if was then
-    redis.call('ZREM', KEYS[2], ARGV[2])
-    return -1
-  end
-  return 0
-end
-redis.call('ZADD', KEYS[2], latest, ARGV[2])
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-if was then return 0 end
-return 1
+return out
 """
+# Users per script call: bounds how long one call holds Redis (about 1-2 ms).
+BATCH_USERS = 500
 
 _script_obj = None
 
@@ -82,42 +100,36 @@ def _script(client):
     return _script_obj
 
 
-def _args(user_id: int, changes: list[tuple[str, str]], now: float) -> list:
-    args: list = [f"{now:.3f}", user_id, int(chat_presence.PRESENCE_TTL * 4)]
-    for field, expiry in changes:
-        args += [field, expiry]
-    return args
-
-
 def expiry(seconds: float | None = None) -> str:
     return f"{time.time() + (seconds or chat_presence.PRESENCE_TTL):.3f}"
 
 
 async def update(user_id: int, changes: list[tuple[str, str]]) -> int:
     """Apply (field, expiry or "-") changes for one user; return the transition."""
-    client = async_redis_client()
-    keys = [chat_presence.presence_key(user_id), ONLINE_KEY]
-    args = _args(user_id, changes, time.time())
-    return int(await _script(client)(keys=keys, args=args, client=client))
+    return (await update_many({user_id: changes}))[user_id]
 
 
 async def update_many(batch: dict[int, list[tuple[str, str]]]) -> dict[int, int]:
-    """`update` for many users in one round trip (the heartbeat)."""
+    """`update` for many users, BATCH_USERS per script call (the heartbeat, the sweep)."""
     if not batch:
         return {}
     client = async_redis_client()
     script = _script(client)
-    now = time.time()
-    pipe = client.pipeline(transaction=False)
+    head = [f"{time.time():.3f}", int(chat_presence.PRESENCE_TTL * 4)]
     users = list(batch)
-    for uid in users:
-        await script(
-            keys=[chat_presence.presence_key(uid), ONLINE_KEY],
-            args=_args(uid, batch[uid], now),
-            client=pipe,
-        )
-    results = await pipe.execute()
-    return {uid: int(r) for uid, r in zip(users, results, strict=True)}
+    result: dict[int, int] = {}
+    for start in range(0, len(users), BATCH_USERS):
+        chunk = users[start : start + BATCH_USERS]
+        keys, args = [ONLINE_KEY], list(head)
+        for uid in chunk:
+            changes = batch[uid]
+            keys.append(chat_presence.presence_key(uid))
+            args += [uid, len(changes)]
+            for field, value in changes:
+                args += [field, value]
+        changes_out = await script(keys=keys, args=args, client=client)
+        result.update(zip(chunk, (int(c) for c in changes_out), strict=True))
+    return result
 
 
 async def sweep(limit: int = 500) -> list[int]:
