@@ -281,10 +281,50 @@ class Meter:
         return total
 
 
+FLUSH_TASK = "parley.receipts.flush"
+
+
+def flush_buckets(text: str) -> dict[str, dict[float, float]]:
+    """The worker's cumulative histogram buckets for the receipts flush task:
+    {"wait": {le: count}, "run": {le: count}} (Prometheus text format)."""
+    out: dict[str, dict[float, float]] = {"wait": {}, "run": {}}
+    names = {
+        "parley_worker_task_queue_wait_seconds_bucket": "wait",
+        "parley_worker_task_duration_seconds_bucket": "run",
+    }
+    for line in text.splitlines():
+        name, _, rest = line.partition("{")
+        kind = names.get(name)
+        if kind is None or f'task="{FLUSH_TASK}"' not in rest:
+            continue
+        labels, _, value = rest.rpartition("} ")
+        le = labels.split('le="', 1)[1].split('"', 1)[0]
+        with contextlib.suppress(ValueError):
+            out[kind][math.inf if le == "+Inf" else float(le)] = float(value)
+    return out
+
+
+def bucket_quantiles(before: dict[float, float], after: dict[float, float]) -> dict:
+    """Count and p50/p99 (as the bucket's upper bound, in ms) of the observations made
+    between two scrapes of a cumulative histogram."""
+    delta = sorted((le, after[le] - before.get(le, 0.0)) for le in after)
+    total = delta[-1][1] if delta else 0
+    if not total:
+        return {"count": 0}
+    result = {"count": int(total)}
+    for q, key in ((0.5, "p50_ms_le"), (0.99, "p99_ms_le")):
+        for le, cumulative in delta:
+            if cumulative >= q * total:
+                result[key] = None if le == math.inf else round(le * 1000)
+                break
+    return result
+
+
 async def measured_step(gen: g.Generator, meter: Meter, db, **kw) -> dict:
     queue: list = []
     before_cpu = await asyncio.to_thread(meter.cpu)
     before_counters = await asyncio.to_thread(meter.counters)
+    before_flush = flush_buckets(await asyncio.to_thread(meter.topo.scrape_worker))
     started = time.monotonic()
     load_before = os.getloadavg()[0]
     _, result = await gen.run_step(
@@ -305,6 +345,13 @@ async def measured_step(gen: g.Generator, meter: Meter, db, **kw) -> dict:
         if v - before_counters.get(k, 0.0)
     }
     result["loadavg"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+    # Where receipt lag comes from: how long the worker's flush tasks waited past their
+    # countdown, and how long they ran (bucket bounds, from the worker's histograms; the
+    # tasks of this step and of the one before that ran meanwhile).
+    after_flush = flush_buckets(await asyncio.to_thread(meter.topo.scrape_worker))
+    result["receipt_flushes"] = {
+        kind: bucket_quantiles(before_flush[kind], after_flush[kind]) for kind in after_flush
+    }
     return result
 
 
@@ -389,6 +436,14 @@ async def search(
             f"{' (generator late)' if res['generator_bound'] else ''}"
             f"{'' if ok else ' - ' + '; '.join(reasons)}  load {res['loadavg'][1]}"
         )
+        lag, flushes = res.get("receipt_lag_ms"), res.get("receipt_flushes") or {}
+        if lag and lag.get("count") and flushes.get("run", {}).get("count"):
+            w, r = flushes["wait"], flushes["run"]
+            say(
+                f"    receipt lag p50/p99 {lag['p50']}/{lag['p99']} ms; {r['count']} flushes, "
+                f"waited past countdown p50/p99 <= {w.get('p50_ms_le')}/{w.get('p99_ms_le')} ms, "
+                f"ran p50/p99 <= {r.get('p50_ms_le')}/{r.get('p99_ms_le')} ms"
+            )
         if not ok:
             await asyncio.sleep(3)  # let a backlog drain before the next step
         return ok
@@ -549,6 +604,16 @@ async def measure(
                 opened["profile"] = {"file": _rel(spy_file), "summary": pyspy.summarize(spy_file)}
         await asyncio.sleep(3)
         rss1 = proc.memory_info().rss
+        # What the open sockets cost while nothing happens (presence heartbeats, pings):
+        # replica A's CPU over 9 s, more than one heartbeat period (not for a handful).
+        opened["idle_cores_realtime_a"] = None
+        if len(idle) >= 1000:
+            idle0, t0 = await asyncio.to_thread(meter.cpu), time.monotonic()
+            await asyncio.sleep(9)
+            idle1 = await asyncio.to_thread(meter.cpu)
+            opened["idle_cores_realtime_a"] = Meter.cores(idle0, idle1, time.monotonic() - t0).get(
+                topo.realtime[0].name
+            )
         opened.update(
             rss_before_mb=round(rss0 / 2**20, 1),
             rss_after_mb=round(rss1 / 2**20, 1),
@@ -560,7 +625,8 @@ async def measure(
             f"  idle sockets: {opened['opened']}/{opened['sockets']} opened at "
             f"{opened['per_second']}/s, {opened['bytes_per_socket'] / 1024:.1f} KiB each "
             f"(RSS {opened['rss_before_mb']} -> {opened['rss_after_mb']} MiB), "
-            f"failed {opened['failed']}; cores {opened['cores']}"
+            f"failed {opened['failed']}; cores {opened['cores']}; "
+            f"replica A idle afterwards: {opened['idle_cores_realtime_a']} cores"
         )
         await gen.close_all(idle)
         await asyncio.sleep(1)

@@ -346,5 +346,15 @@ class Topology:
         except OSError:
             return ""
 
+    def scrape_worker(self) -> str:
+        if self.worker is None:
+            return ""
+        try:
+            url = f"http://127.0.0.1:{self.worker_port}/metrics"
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                return resp.read().decode()
+        except OSError:
+            return ""
+
     def tails(self, n: int = 30) -> str:
         return "\n".join(p.tail(n) for p in dict.fromkeys(self.procs))
