@@ -78,6 +78,10 @@ CONTAINER_TEST_ARGS ?=
 image: ## Build the container image localhost/parley:latest (Podman or Docker; docs/containers.md).
 	deploy/docker/build-image.sh
 
+.PHONY: image-loadtest
+image-loadtest: ## Build the load-test image localhost/parley-loadtest:latest (Locust + loadtests/; the chart's loadtest Jobs).
+	PARLEY_TARGET=loadtest deploy/docker/build-image.sh
+
 .PHONY: up
 up: image ## Start the whole topology (docker-compose.yml) in the background; creates .env on first use.
 	deploy/docker/init-env.sh
@@ -122,10 +126,11 @@ bench: venv ## Benchmark the local topology against naive and no-op configuratio
 ##@ Dependencies
 
 .PHONY: lock
-lock: venv ## Re-compile requirements/runtime.lock and dev.lock from pyproject.toml with uv (hashes kept).
+lock: venv ## Re-compile requirements/runtime.lock, dev.lock and load.lock from pyproject.toml with uv (hashes kept).
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv
 	$(BIN)/uv pip compile --quiet pyproject.toml --python-version $(LOCK_PYTHON_VERSION) --generate-hashes $(LOCK_ARGS) -o requirements/runtime.lock
 	$(BIN)/uv pip compile --quiet pyproject.toml --extra embedded --extra test --extra load --python-version $(LOCK_PYTHON_VERSION) --generate-hashes $(LOCK_ARGS) -o requirements/dev.lock
+	$(BIN)/uv pip compile --quiet --group pyproject.toml:loadtest --python-version $(LOCK_PYTHON_VERSION) --generate-hashes $(LOCK_ARGS) -o requirements/load.lock
 
 ##@ Cleanup
 

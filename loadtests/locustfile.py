@@ -30,6 +30,7 @@ wall clock carried in message bodies: keep load generators NTP-synchronized.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import itertools
 import json
@@ -90,6 +91,15 @@ def _options(parser) -> None:
         help="which users to run (ignored when user classes are named)",
     )
     g.add_argument("--ws-url", default="", help="WebSocket URL (default: the host, path /ws/chat/)")
+    g.add_argument(
+        "--http-header",
+        action="append",
+        type=_header,
+        default=[],
+        metavar="'NAME: VALUE'",
+        help="a header sent with every HTTP request (repeatable), e.g. 'X-Forwarded-Proto: "
+        "https' for the web Service itself, behind the proxy where TLS ends",
+    )
     g.add_argument("--users-file", default="", help="accounts from python -m loadtests.seed")
     g.add_argument("--rooms", type=int, default=20, help="rooms lt-room-0..N-1 chat users share")
     g.add_argument("--rooms-per-user", type=int, default=3)
@@ -123,9 +133,23 @@ def _options(parser) -> None:
     g.add_argument(
         "--results-dir",
         default=str(Path(__file__).resolve().parent / "results"),
+        # The load-test image sets it to /tmp/...: its root file system is read-only.
+        env_var="LOCUST_RESULTS_DIR",
         help="where the chat figures are saved ('' to not save)",
     )
     g.add_argument("--run-tag", default="", help="a name for the results file")
+
+
+def _header(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition(":")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected 'NAME: VALUE', got {text!r}")
+    return name.strip(), value.strip()
+
+
+def http_headers(options) -> dict[str, str]:
+    """--http-header as a dict (workers get the master's options as lists, not tuples)."""
+    return {name: value for name, value in (getattr(options, "http_header", None) or [])}
 
 
 def ws_url_for(options, host: str) -> str:
@@ -510,6 +534,7 @@ class ParleyUser(HttpUser):
     def on_start(self) -> None:
         if CHAT.http_user is None:
             CHAT.http_user = self
+        self.client.headers.update(http_headers(self.environment.parsed_options))
         self.account = ACCOUNTS.take(self)
         self.conversations: list[int] = []
 
@@ -733,7 +758,8 @@ def _history(environment, cid: int, token: str, after: int) -> list[tuple[int, s
     import httpx
 
     rows = []
-    with httpx.Client(base_url=environment.host, timeout=30) as client:
+    headers = http_headers(environment.parsed_options)
+    with httpx.Client(base_url=environment.host, timeout=30, headers=headers) as client:
         for _ in range(10_000):
             r = client.get(
                 f"{API}/conversations/{cid}/messages",

@@ -63,6 +63,16 @@ CONSTRAINTS: dict[str, dict] = {
     "migrations.mode": {"enum": ["hook", "initContainer"]},
     "networkPolicy.*.ports": {"items": {"type": "integer", **_PORT}},
     "postgresql.maxConnections": {"minimum": 10},
+    "loadtest.scenario": {"enum": ["chat", "storm", "large-room", "history"]},
+    "loadtest.users": {"minimum": 1},
+    "loadtest.spawnRate": {"type": "number", "exclusiveMinimum": 0},
+    "loadtest.duration": {"type": "string", "pattern": "^([0-9]+[hms])+$|^[0-9]+$"},
+    "loadtest.host": {"pattern": "^(https?://.+)?$"},
+    "loadtest.wsUrl": {"pattern": "^(wss?://.+)?$"},
+    "loadtest.backoffLimit": {"minimum": 0},
+    "loadtest.activeDeadlineSeconds": {"minimum": 1},
+    "loadtest.ttlSecondsAfterFinished": {"minimum": 0},
+    "loadtest.extraArgs": {"items": {"type": "string"}},
 }
 
 _PARAM = re.compile(r"^\s*## @param (\S+)\s*(.*)$")

@@ -11,7 +11,8 @@
 Not collected by pytest (the name has no test_ prefix): `make test-containers` runs it.
 
 1. Builds the python:3.11-slim stand-in if it is missing (deploy/docker/standins/),
-   then the image (deploy/docker/build-image.sh), and reports its size and build time.
+   then the image (deploy/docker/build-image.sh), and reports its size and build time;
+   then the load-test image (`--target loadtest`).
 2. Checks the image: runs as uid 10001, has no compiler, has collected static files.
 3. Starts migrate, web, two realtime replicas, worker and the nginx front door as
    containers on the host network (read-only root, only /tmp writable, no
@@ -19,8 +20,10 @@ Not collected by pytest (the name has no test_ prefix): `make test-containers` r
    database number and a channel-layer prefix of their own. Then: web answers /readyz; a
    message sent over the HTTP API is delivered over WebSockets through the front door to
    a socket on each realtime replica; every process of every container runs as
-   non-root; stopping a realtime replica closes its socket with 1012 and exits 0 within
-   its grace period.
+   non-root; a distributed Locust run from the load-test image (a master and a worker
+   container, read-only, uid 10001) through the front door ends with exit code 0, the chat
+   figures and no lost message; stopping a realtime replica closes its socket with 1012
+   and exits 0 within its grace period.
 4. `podman-compose up -d` of docker-compose.yml (stand-ins for postgres, redis and nginx
    tagged with the names the file uses): every service becomes healthy, the message
    test passes through the published port, and `podman-compose down` stops every
@@ -36,6 +39,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -52,6 +56,7 @@ ROOT = Path(__file__).resolve().parents[3]
 DOCKER_DIR = ROOT / "deploy" / "docker"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 IMAGE = os.environ.get("PARLEY_IMAGE", "localhost/parley:latest")
+LOADTEST_IMAGE = os.environ.get("PARLEY_LOADTEST_IMAGE", "localhost/parley-loadtest:latest")
 BASE_IMAGE = "docker.io/library/python:3.11-slim"
 # docker-compose.yml's defaults; deploy/docker/standins/build.sh builds these.
 NGINX_IMAGE = "docker.io/library/nginx:1.27-bookworm"
@@ -320,6 +325,46 @@ def check_image() -> None:
         "env | grep -c '^SECRET_KEY=' || true; ls /tmp/ca.pem /src 2>/dev/null | wc -l",
     ).stdout.split()
     check("no SECRET_KEY or build leftovers in the image", secrets_in_layers == ["0", "0"])
+
+
+def build_loadtest_image() -> None:
+    say(f"building {LOADTEST_IMAGE}")
+    start = time.monotonic()
+    log = run(
+        DOCKER_DIR / "build-image.sh",
+        "--pull=never",
+        check_rc=False,
+        timeout=1800,
+        env={
+            **os.environ,
+            "PARLEY_TARGET": "loadtest",
+            "PARLEY_LOADTEST_IMAGE": LOADTEST_IMAGE,
+            "CONTAINER_ENGINE": "podman",
+        },
+    )
+    took = time.monotonic() - start
+    if log.returncode != 0:
+        print(log.stdout[-6000:], log.stderr[-6000:], sep="\n")
+    require("the load-test image builds (--target loadtest)", log.returncode == 0, f"{took:.0f}s")
+    size = int(podman("image", "inspect", "--format", "{{.Size}}", LOADTEST_IMAGE).stdout.strip())
+    base = int(podman("image", "inspect", "--format", "{{.Size}}", BASE_IMAGE).stdout.strip())
+    measurements["load-test image"] = (
+        f"{size / 1e6:.0f} MB ({(size - base) / 1e6:.0f} MB above the base), built in {took:.0f} s"
+    )
+    say(f"load-test image size {size / 1e6:.0f} MB")
+    config = json.loads(podman("image", "inspect", LOADTEST_IMAGE).stdout)[0]["Config"]
+    check(
+        "the load-test image's user is 10001 and its entrypoint locust",
+        config.get("User") == f"{APP_UID}:{APP_UID}" and config.get("Entrypoint") == ["locust"],
+        f"{config.get('User')} {config.get('Entrypoint')}",
+    )
+    # `docker build` without --target must still produce the Parley image.
+    labels = json.loads(podman("image", "inspect", IMAGE).stdout)[0]["Config"].get("Labels") or {}
+    check(
+        "the default build target is still the Parley runtime image",
+        labels.get("org.opencontainers.image.title") == "parley",
+        labels.get("org.opencontainers.image.title", ""),
+    )
 
 
 # --- the message test (shared by both parts) --------------------------------------------
@@ -744,7 +789,83 @@ class HostNetworkStack:
                 ", ".join(f"{c}={u}" for u, c in uids),
             )
 
-        self.verify_drain()
+    def verify_loadtest(self) -> None:
+        """The load-test image as the chart runs it: a headless Locust master and one
+        worker (distributed), read-only root, /tmp on a tmpfs, uid 10001, chat scenario
+        through the front door, users signing up over the API. Locust exits 0 when no
+        request failed (1 when any did, 2 on an error in the locustfile); the master prints
+        the chat figures its worker checked against history."""
+        try:
+            self._loadtest()
+        except Exception as exc:  # the drain test still runs
+            check("the load-test image runs Locust", False, f"{exc.__class__.__name__}: {exc}")
+            say(f"--- last lines of the Locust worker:\n{self.logs(self._locust_worker)}")
+
+    @property
+    def _locust_worker(self) -> str:
+        return f"parley-ctest-{self.run_id}-locust-worker"
+
+    def _loadtest(self) -> None:
+        start = time.monotonic()
+        port = free_port()
+        worker = self._locust_worker
+        user = ("--user", f"{APP_UID}:{APP_UID}")
+        podman(
+            "run", "-d", *self.common(worker), *user, LOADTEST_IMAGE,
+            "--worker", "--master-host", "127.0.0.1", "--master-port", str(port),
+        )  # fmt: skip
+        master = podman(
+            "run", "--rm", *self.common(f"parley-ctest-{self.run_id}-locust-master"), *user,
+            LOADTEST_IMAGE, "--headless", "--master", "--master-bind-host", "127.0.0.1",
+            "--master-bind-port", str(port), "--expect-workers", "1",
+            "--expect-workers-max-wait", "60",
+            "--host", f"http://127.0.0.1:{self.ports['front']}",
+            "--scenario", "chat", "--users", "10", "--spawn-rate", "5", "--run-time", "20s",
+            "--csv", "/tmp/locust", "--only-summary",
+            check_rc=False, timeout=240,
+        )  # fmt: skip
+        out = (master.stdout or "") + (master.stderr or "")
+        took = time.monotonic() - start
+        measurements["load-test run (10 users, 20 s, master + 1 worker)"] = f"{took:.0f} s"
+        check(
+            "a distributed Locust run from the load-test image exits 0 (no failed request)",
+            master.returncode == 0,
+            f"exit code {master.returncode} after {took:.0f}s"
+            + ("" if master.returncode == 0 else f"\n{out[-4000:]}"),
+        )
+        # The master's quit reaches the worker within a second.
+        worker_exit = podman("wait", worker, check_rc=False, timeout=60).stdout.strip()
+        check("the Locust worker exits 0 when the master is done", worker_exit == "0", worker_exit)
+
+        def figure(pattern: str) -> re.Match | None:
+            return re.search(pattern, out, re.MULTILINE)
+
+        ack = figure(r"^\s*send->ack: n=(\d+) p50 \S+ p90 \S+ p99 (\S+)")
+        delivery = figure(r"^\s*send->delivery: n=(\d+) p50 \S+ p90 \S+ p99 (\S+)")
+        counts = figure(r"^sends (\d+) .*, acks (\d+), deliveries (\d+)")
+        history = figure(
+            r"^history check .*: lost deliveries (\d+) of (\d+), duplicate frames (\d+), "
+            r"order violations (\d+), acked but missing (\d+)"
+        )
+        found = bool(ack and delivery and counts)
+        check(
+            "the run prints the Parley chat figures: send->ack and delivery percentiles",
+            found and int(ack[1]) > 0 and int(delivery[1]) > 0 and int(counts[3]) > 0,
+            f"send->ack n={ack[1]} p99 {ack[2]} ms, send->delivery n={delivery[1]} p99 "
+            f"{delivery[2]} ms, deliveries {counts[3]}"
+            if found
+            else out[-3000:],
+        )
+        lost = [int(x) for x in history.groups()] if history else []
+        check(
+            "the worker checked every socket against history: nothing lost or duplicated",
+            bool(lost) and lost[1] > 0 and lost[0] == lost[2] == lost[3] == lost[4] == 0,
+            history[0] if history else "no history check in the output",
+        )
+        check(
+            "the chat figures are saved under /tmp on a read-only root",
+            "chat figures saved to /tmp/parley-loadtest/" in out,
+        )
 
     def verify_drain(self) -> None:
         """A socket on a realtime replica that is stopped is closed with 1012, and the
@@ -1155,11 +1276,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         build_image()
         check_image()
+        build_loadtest_image()
         build_standins("services")
         host = HostNetworkStack(run_id, workdir)
         host.prepare_backends()
         host.run_all()
         host.verify()
+        host.verify_loadtest()
+        host.verify_drain()
         if not args.keep:
             host.cleanup()
             host = None

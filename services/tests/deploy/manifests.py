@@ -349,6 +349,56 @@ def problems_network_policies(objects: list[dict]) -> list[str]:
     return problems
 
 
+def _peer_selects(peer: dict, labels: dict) -> bool:
+    """Whether a NetworkPolicy peer admits a pod of the release's namespace."""
+    if "ipBlock" in peer or "namespaceSelector" in peer:
+        return False  # other namespaces or addresses: not the release's own pods
+    return selects(peer.get("podSelector") or {}, labels)
+
+
+def _port_matches(rule: dict, port: int, named: dict[str, int]) -> bool:
+    if not rule.get("ports"):
+        return True
+    return any(
+        (named.get(p["port"]) if isinstance(p.get("port"), str) else p.get("port")) == port
+        for p in rule["ports"]
+    )
+
+
+def reachable(objects: list[dict], source: dict, target: dict, port: int) -> bool:
+    """Whether the NetworkPolicies let a pod of workload `source` open a TCP connection to
+    a pod of workload `target` on `port`: egress allowed on the source's side and ingress
+    on the target's (a side no Egress/Ingress policy selects is open)."""
+    policies = of_kind(objects, "NetworkPolicy")
+    src_labels = pod_spec(source)[0].get("labels", {})
+    dst_meta, dst_spec = pod_spec(target)
+    dst_labels = dst_meta.get("labels", {})
+    named = {
+        p["name"]: p["containerPort"] for c in containers(dst_spec) for p in c.get("ports", [])
+    }
+    if port not in named.values():
+        return False  # nothing listens there
+
+    def side(labels: dict, kind: str, key: str, peers: str, other: dict) -> bool:
+        mine = [
+            p for p in policies
+            if selects(p["spec"]["podSelector"], labels)
+            and kind in p["spec"].get("policyTypes", [])
+        ]  # fmt: skip
+        if not mine:
+            return True
+        return any(
+            _port_matches(rule, port, named)
+            and (peers not in rule or any(_peer_selects(peer, other) for peer in rule[peers]))
+            for p in mine
+            for rule in p["spec"].get(key) or []
+        )
+
+    return side(src_labels, "Egress", "egress", "to", dst_labels) and side(
+        dst_labels, "Ingress", "ingress", "from", src_labels
+    )
+
+
 def problems_drain(objects: list[dict]) -> list[str]:
     """The kubelet's SIGKILL must come after preStop + the app's own shutdown window."""
     problems = []

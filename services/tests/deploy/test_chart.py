@@ -30,6 +30,7 @@ def test_ci_value_sets_cover_the_promised_cases():
         "ingress-values.yaml",
         "no-ingress-values.yaml",
         "gateway-values.yaml",
+        "loadtest-values.yaml",
     } <= names
 
 
@@ -346,3 +347,197 @@ def test_kubernetes_validate_cli_accepts_the_default_render(tmp_path):
             text=True,
         )
         assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- the load test (loadtest.*): Locust as Jobs ----------------------------------------
+
+
+def _loadtest(objects: list[dict]) -> list[dict]:
+    return [o for o in objects if m.component(o["metadata"]) == "loadtest"]
+
+
+def _container(job: dict) -> dict:
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def _option(args: list[str], name: str) -> str:
+    assert args.count(name) == 1, f"{name} in {args}"
+    return args[args.index(name) + 1]
+
+
+def _service_url(objects: list[dict], name: str, scheme: str, path: str = "") -> str:
+    service = m.named(objects, "Service", name)
+    return f"{scheme}://{name}:{service['spec']['ports'][0]['port']}{path}"
+
+
+@pytest.fixture(scope="module")
+def distributed():
+    return m.render({"loadtest": {"enabled": True, "workers": 2}})
+
+
+def test_load_test_is_off_by_default():
+    objects = m.render()
+    assert _loadtest(objects) == []
+    assert not any("loadtest" in o["metadata"]["name"] for o in objects)
+    for name in ("parley-web", "parley-realtime"):
+        assert "loadtest" not in json.dumps(m.named(objects, "NetworkPolicy", name))
+
+
+def test_distributed_load_test_validates_and_lints(distributed):
+    import helm_python
+
+    assert {(o["kind"], o["metadata"]["name"]) for o in _loadtest(distributed)} == {
+        ("Job", "parley-loadtest-master"),
+        ("Job", "parley-loadtest-worker"),
+        ("Service", "parley-loadtest-master"),
+        ("NetworkPolicy", "parley-loadtest"),
+        ("NetworkPolicy", "parley-loadtest-master"),
+    }
+    assert m.problems_schema(distributed) == []
+    assert m.problems_all(distributed) == []
+    assert m.problems_network_policies(distributed) == []
+    values = {"loadtest": {"enabled": True, "workers": 2}}
+    report = helm_python.lint(m.CHART, values, strict=True, namespace=m.NAMESPACE)
+    assert not report["errors"] and all(x["severity"] < 2 for x in report["messages"]), report
+
+
+def test_load_test_master_runs_the_scenario_against_the_release(distributed):
+    master = m.named(distributed, "Job", "parley-loadtest-master")
+    args = _container(master)["args"]
+    assert {"--master", "--headless"} <= set(args) and "--worker" not in args
+    assert _option(args, "--expect-workers") == "2"
+    assert _option(args, "--users") == "100"
+    assert _option(args, "--spawn-rate") == "10"
+    assert _option(args, "--run-time") == "5m"
+    assert _option(args, "--scenario") == "chat"
+    assert _option(args, "--locustfile") == "/app/loadtests/locustfile.py"
+    # The chart's own Services, by their rendered names and ports.
+    assert _option(args, "--host") == _service_url(distributed, "parley-web", "http")
+    assert _option(args, "--ws-url") == _service_url(
+        distributed, "parley-realtime", "ws", "/ws/chat/"
+    )
+    # TLS ends at the ingress (config.tls): without the header Django redirects to https.
+    assert _option(args, "--http-header") == "X-Forwarded-Proto: https"
+    # The figures land on the emptyDir, the only writable path.
+    assert _option(args, "--csv").startswith("/tmp/")
+    assert _option(args, "--results-dir").startswith("/tmp/")
+    assert _container(master)["image"] == "parley-loadtest:0.1.0"
+    assert master["spec"]["backoffLimit"] == 0
+    assert master["spec"]["template"]["spec"]["restartPolicy"] == "Never"
+    assert not m.hook(master), "a load test is started by install/upgrade, not as a hook"
+    assert "parallelism" not in master["spec"]
+
+
+def test_load_test_workers_find_the_master_through_its_service(distributed):
+    workers = m.named(distributed, "Job", "parley-loadtest-worker")
+    master = m.named(distributed, "Job", "parley-loadtest-master")
+    assert workers["spec"]["parallelism"] == workers["spec"]["completions"] == 2
+    args = _container(workers)["args"]
+    assert "--worker" in args and "--master" not in args and "--headless" not in args
+    service = m.named(distributed, "Service", _option(args, "--master-host"))
+    assert service["spec"]["clusterIP"] == "None"
+    (port,) = service["spec"]["ports"]
+    assert int(_option(args, "--master-port")) == port["port"] == 5557
+    master_ports = {p["name"]: p["containerPort"] for p in _container(master)["ports"]}
+    assert master_ports[port["targetPort"]] == 5557
+    assert int(_option(_container(master)["args"], "--master-bind-port")) == 5557
+    # The Service selects the master's pod and not the workers'.
+    selector = service["spec"]["selector"]
+    assert m.selects({"matchLabels": selector}, m.pod_spec(master)[0]["labels"])
+    assert not m.selects({"matchLabels": selector}, m.pod_spec(workers)[0]["labels"])
+
+
+def test_load_test_pods_are_restricted(distributed):
+    jobs = [o for o in _loadtest(distributed) if o["kind"] == "Job"]
+    assert len(jobs) == 2
+    assert m.problems_pod_security(jobs + m.of_kind(distributed, "ServiceAccount")) == []
+    for job in jobs:
+        spec = job["spec"]["template"]["spec"]
+        security = {**spec["securityContext"], **_container(job)["securityContext"]}
+        assert security["runAsUser"] == 10001 and security["runAsNonRoot"] is True
+        assert spec["automountServiceAccountToken"] is False
+        # No Parley setting or secret reaches the load generator.
+        assert "env" not in _container(job) and "envFrom" not in _container(job)
+
+
+def test_load_test_network_policies_admit_it_and_only_it(distributed):
+    master = m.named(distributed, "Job", "parley-loadtest-master")
+    workers = m.named(distributed, "Job", "parley-loadtest-worker")
+    web = m.named(distributed, "Deployment", "parley-web")
+    realtime = m.named(distributed, "Deployment", "parley-realtime")
+    for pod in (master, workers):
+        assert m.reachable(distributed, pod, web, 8000)
+        assert m.reachable(distributed, pod, realtime, 8001)
+    assert m.reachable(distributed, workers, master, 5557)
+    # ... and nothing more: Parley's own pods cannot reach the master, the master does
+    # not call its workers, and the load test reaches no other port of web.
+    assert not m.reachable(distributed, web, master, 5557)
+    assert not m.reachable(distributed, master, workers, 5557)
+    assert not m.reachable(distributed, workers, web, 9808)
+    # Without the load test, nothing of it is admitted (the policies check the labels).
+    default = m.render()
+    assert not m.reachable(default, workers, m.named(default, "Deployment", "parley-web"), 8000)
+
+
+def test_standalone_load_test_is_one_job_without_a_service():
+    objects = m.render({"loadtest": {"enabled": True, "workers": 0, "users": 20}})
+    loadtest = _loadtest(objects)
+    assert {(o["kind"], o["metadata"]["name"]) for o in loadtest} == {
+        ("Job", "parley-loadtest"),
+        ("NetworkPolicy", "parley-loadtest"),
+    }
+    job = m.named(objects, "Job", "parley-loadtest")
+    args = _container(job)["args"]
+    assert "--headless" in args and not {"--master", "--worker", "--expect-workers"} & set(args)
+    assert _option(args, "--users") == "20"
+    assert "parallelism" not in job["spec"] and "ports" not in _container(job)
+    assert m.reachable(objects, job, m.named(objects, "Deployment", "parley-web"), 8000)
+    assert m.reachable(objects, job, m.named(objects, "Deployment", "parley-realtime"), 8001)
+    assert m.problems_schema(objects) == [] and m.problems_all(objects) == []
+
+
+def test_load_test_against_an_external_url_needs_its_port_opened():
+    cidr = "203.0.113.10/32"
+    values = {
+        "config": {"tls": False},
+        "loadtest": {
+            "enabled": True,
+            "workers": 3,
+            "host": "https://chat.example.com",
+            "networkPolicy": {"to": [{"ipBlock": {"cidr": cidr}}]},
+            "usersFile": {"existingSecret": "lt-users"},
+        },
+    }
+    objects = m.render(values)
+    master = m.named(objects, "Job", "parley-loadtest-master")
+    args = _container(master)["args"]
+    assert _option(args, "--host") == "https://chat.example.com"
+    # The locustfile derives wss://chat.example.com/ws/chat/ from the host.
+    assert "--ws-url" not in args and "--http-header" not in args
+    egress = m.named(objects, "NetworkPolicy", "parley-loadtest")["spec"]["egress"]
+    opened = {"ports": [{"port": 443, "protocol": "TCP"}], "to": [{"ipBlock": {"cidr": cidr}}]}
+    assert opened in egress
+    # Every pod reads the users file at the path the master names.
+    path = _option(args, "--users-file")
+    for name in ("parley-loadtest-master", "parley-loadtest-worker"):
+        spec = m.named(objects, "Job", name)["spec"]["template"]["spec"]
+        (container,) = spec["containers"]
+        (mount,) = [v for v in container["volumeMounts"] if v["name"] == "users"]
+        assert path.startswith(mount["mountPath"] + "/") and mount["readOnly"] is True
+        (volume,) = [v for v in spec["volumes"] if v["name"] == "users"]
+        assert volume["secret"]["secretName"] == "lt-users"
+    assert m.problems_schema(objects) == []
+
+
+def test_load_test_values_are_checked():
+    import helm_python
+
+    for bad in (
+        {"scenario": "soak"},
+        {"duration": "five minutes"},
+        {"workers": -1},
+        {"host": "chat.example.com"},
+    ):
+        with pytest.raises(helm_python.HelmError):
+            m.render({"loadtest": {"enabled": True, **bad}})

@@ -466,7 +466,8 @@ spec:
 {{- end }}
 {{- end -}}
 
-{{/* Ingress to web or realtime: from the ingress controller, Prometheus and `helm test`. */}}
+{{/* Ingress to web or realtime: from the ingress controller, Prometheus, `helm test` and
+the load test. */}}
 {{- define "parley.servingNetworkPolicy" -}}
 {{- $ := .ctx -}}
 {{- $np := $.Values.networkPolicy }}
@@ -502,6 +503,16 @@ spec:
       ports:
         - port: http
           protocol: TCP
+    {{- if $.Values.loadtest.enabled }}
+    # The load test's pods call the Services directly (loadtest.host empty).
+    - from:
+        - podSelector:
+            matchLabels:
+              {{- include "parley.selectorLabels" (dict "ctx" $ "component" "loadtest") | nindent 14 }}
+      ports:
+        - port: http
+          protocol: TCP
+    {{- end }}
 {{- end -}}
 
 {{/* The in-cluster Postgres or Redis accepts Parley's own pods only. */}}
@@ -529,4 +540,181 @@ spec:
       ports:
         - port: {{ .port }}
           protocol: TCP
+{{- end -}}
+
+{{/* ------------------------------------------------------------ load test */}}
+
+{{/* Object names of the load test: dict "ctx" $ "suffix" "loadtest-master" (at most 15 characters). */}}
+{{- define "parley.loadtestName" -}}
+{{- printf "%s-%s" (include "parley.fullname" .ctx | trunc 47 | trimSuffix "-") .suffix -}}
+{{- end -}}
+
+{{- define "parley.loadtestImage" -}}
+{{- $img := .Values.loadtest.image -}}
+{{- $repo := $img.repository -}}
+{{- $registry := $img.registry | default .Values.image.registry -}}
+{{- if $registry -}}{{- $repo = printf "%s/%s" $registry $repo -}}{{- end -}}
+{{- if $img.digest -}}
+{{- printf "%s@%s" $repo $img.digest -}}
+{{- else -}}
+{{- printf "%s:%s" $repo ($img.tag | default .Chart.AppVersion | toString) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The URL Locust's HTTP users call: loadtest.host, or the web Service. */}}
+{{- define "parley.loadtestHost" -}}
+{{- if .Values.loadtest.host -}}
+{{- .Values.loadtest.host -}}
+{{- else -}}
+{{- printf "http://%s:%v" (include "parley.componentName" (dict "ctx" $ "component" "web")) .Values.web.service.port -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The WebSocket URL: loadtest.wsUrl; the realtime Service when host is in-cluster too;
+otherwise empty (the locustfile derives it from the host: same origin, /ws/chat/). */}}
+{{- define "parley.loadtestWsUrl" -}}
+{{- if .Values.loadtest.wsUrl -}}
+{{- .Values.loadtest.wsUrl -}}
+{{- else if not .Values.loadtest.host -}}
+{{- printf "ws://%s:%v/ws/chat/" (include "parley.componentName" (dict "ctx" $ "component" "realtime")) .Values.realtime.service.port -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Ports of loadtest.host and loadtest.wsUrl that are set (external URLs), as a list. */}}
+{{- define "parley.loadtestExternalPorts" -}}
+{{- $ports := list -}}
+{{- range $url := list .Values.loadtest.host .Values.loadtest.wsUrl -}}
+{{- if $url -}}
+{{- $u := urlParse $url -}}
+{{- $port := ternary "443" "80" (has $u.scheme (list "https" "wss")) -}}
+{{- if regexMatch ":[0-9]+$" $u.host -}}{{- $port = regexFind "[0-9]+$" $u.host -}}{{- end -}}
+{{- $ports = append $ports (int $port) -}}
+{{- end -}}
+{{- end -}}
+{{- $ports | uniq | toJson -}}
+{{- end -}}
+
+{{/* The Locust options of a run, for the master or the standalone pod. */}}
+{{- define "parley.loadtestRunArgs" -}}
+{{- $lt := .Values.loadtest -}}
+- --headless
+- --locustfile
+- /app/loadtests/locustfile.py
+- --host
+- {{ include "parley.loadtestHost" . | quote }}
+{{- with include "parley.loadtestWsUrl" . }}
+- --ws-url
+- {{ . | quote }}
+{{- end }}
+{{- if and (not $lt.host) .Values.config.tls }}
+# The Services speak plain HTTP behind the ingress where TLS ends; without this header
+# Django would redirect every request to https (SECURE_SSL_REDIRECT).
+- --http-header
+- "X-Forwarded-Proto: https"
+{{- end }}
+- --scenario
+- {{ $lt.scenario | quote }}
+- --users
+- {{ $lt.users | quote }}
+- --spawn-rate
+- {{ $lt.spawnRate | quote }}
+- --run-time
+- {{ $lt.duration | quote }}
+{{- if $lt.usersFile.existingSecret }}
+- --users-file
+- /etc/parley-loadtest/users.json
+{{- end }}
+# Locust's CSV files and the chat figures' JSON go to /tmp (the root is read-only);
+# both are also printed at the end, for `kubectl logs`.
+- --csv
+- /tmp/locust
+- --results-dir
+- /tmp/parley-loadtest
+{{- if $lt.onlySummary }}
+- --only-summary
+{{- end }}
+{{- with $lt.extraArgs }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/*
+A load-test Job: dict "ctx" $ "role" master|worker|standalone "args" (list ...)
+"resources" (dict ...) "completions" N.
+*/}}
+{{- define "parley.loadtestJob" -}}
+{{- $ := .ctx -}}
+{{- $lt := $.Values.loadtest -}}
+{{- $name := include "parley.loadtestName" (dict "ctx" $ "suffix" (ternary "loadtest" (printf "loadtest-%s" .role) (eq .role "standalone"))) }}
+apiVersion: batch/v1
+kind: Job
+metadata:
+  {{- include "parley.metadata" (dict "ctx" $ "component" "loadtest" "name" $name) | nindent 2 }}
+spec:
+  {{- if gt (int .completions) 1 }}
+  completions: {{ .completions }}
+  parallelism: {{ .completions }}
+  {{- end }}
+  backoffLimit: {{ $lt.backoffLimit }}
+  activeDeadlineSeconds: {{ $lt.activeDeadlineSeconds }}
+  ttlSecondsAfterFinished: {{ $lt.ttlSecondsAfterFinished }}
+  template:
+    metadata:
+      labels:
+        {{- include "parley.labels" (dict "ctx" $ "component" "loadtest") | nindent 8 }}
+        parley.io/loadtest-role: {{ .role }}
+        {{- with $lt.podLabels }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      {{- with $lt.podAnnotations }}
+      annotations:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+    spec:
+      restartPolicy: Never
+      serviceAccountName: {{ include "parley.serviceAccountName" $ }}
+      automountServiceAccountToken: false
+      {{- with $.Values.image.pullSecrets }}
+      imagePullSecrets:
+        {{- range . }}
+        - name: {{ . }}
+        {{- end }}
+      {{- end }}
+      securityContext:
+        {{- include "parley.podSecurityContext" $ | nindent 8 }}
+      {{- include "parley.scheduling" (dict "ctx" $ "component" "loadtest" "values" $lt) | trim | nindent 6 }}
+      containers:
+        - name: locust
+          image: {{ include "parley.loadtestImage" $ }}
+          imagePullPolicy: {{ $lt.image.pullPolicy }}
+          args:
+            {{- .args | nindent 12 }}
+          {{- if eq .role "master" }}
+          ports:
+            - name: locust
+              containerPort: 5557
+              protocol: TCP
+          {{- end }}
+          resources:
+            {{- toYaml .resources | nindent 12 }}
+          securityContext:
+            {{- include "parley.containerSecurityContext" $ | nindent 12 }}
+          volumeMounts:
+            {{- include "parley.tmpVolumeMount" $ | nindent 12 }}
+            {{- if $lt.usersFile.existingSecret }}
+            - name: users
+              mountPath: /etc/parley-loadtest
+              readOnly: true
+            {{- end }}
+      volumes:
+        {{- include "parley.tmpVolume" $ | nindent 8 }}
+        {{- if $lt.usersFile.existingSecret }}
+        # Workers read the path the master names, so every pod mounts the same file.
+        - name: users
+          secret:
+            secretName: {{ $lt.usersFile.existingSecret }}
+            items:
+              - key: {{ $lt.usersFile.existingSecretKey }}
+                path: users.json
+        {{- end }}
 {{- end -}}
