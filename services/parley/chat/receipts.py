@@ -13,14 +13,18 @@ How receipts travel (docs/operations.md, "Receipts"):
 1. Staging merges into the Redis hash `parley:rcpt:<conversation>` (fields `d:<user>`
    and `r:<user>`, the highest seq wins) and, with `SET NX` on
    `parley:rcpt:sched:<conversation>`, schedules at most one `parley.receipts.flush`
-   task per conversation per PARLEY_RECEIPT_FLUSH_SECONDS (a countdown). A busy room
-   therefore costs a few updates per member per second, however many messages it gets.
-2. `receipts_flush` (the task) deletes the schedule key, reads the hash, applies every
-   user's receipts with `services.receipts_advance_many` (one GREATEST statement, safe
-   to repeat and to reorder, one `chat.receipts` event on commit carrying every row that
-   moved), then deletes the fields it applied unless they moved meanwhile
-   (compare-and-delete). A task that dies midway leaves the hash as
-   it was, and its redelivery does the same work again.
+   task per conversation at a time, with a countdown that throttles: the flush runs
+   PARLEY_RECEIPT_FLUSH_SECONDS after the previous one started (the key
+   `parley:rcpt:last:<conversation>`), or after PARLEY_DELIVERY_BUFFER_SECONDS + 50 ms
+   when that is later (the other replicas' buffered deliveries of the same messages
+   join it). A busy room therefore costs a few updates per member per second, however
+   many messages it gets, and a receipt waits at most one interval for its flush.
+2. `receipts_flush` (the task) deletes the schedule key (noting when it started), reads
+   the hash, applies every user's receipts with `services.receipts_advance_many` (one
+   GREATEST statement, safe to repeat and to reorder, one `chat.receipts` event on
+   commit carrying every row that moved), then deletes the fields it applied unless they
+   moved meanwhile (compare-and-delete). A task that dies midway leaves the hash as it
+   was, and its redelivery does the same work again.
 3. Conversations with staged receipts are listed in the sorted set `parley:rcpt:dirty`
    (scored by when they were staged or last flushed); one worker at a time sweeps it and
    schedules a flush for any left waiting with none scheduled (`receipts_sweep`).
@@ -66,16 +70,34 @@ def schedule_key(conversation_id: int) -> str:
     return f"{KEY_PREFIX}sched:{conversation_id}"
 
 
-# KEYS: dirty zset, then (pending hash, schedule key) per conversation.
-# ARGV: schedule ttl ms, then per conversation: its id, n fields, n x (field, seq).
-# Returns the ids of the conversations whose flush this call must enqueue.
+def last_flush_key(conversation_id: int) -> str:
+    return f"{KEY_PREFIX}last:{conversation_id}"
+
+
+def first_wait_seconds() -> float:
+    """The shortest countdown: long enough that the other replicas' buffered deliveries
+    of the same messages are staged before the flush reads them."""
+    return delivery_buffer_seconds() + 0.05
+
+
+# KEYS: dirty zset, then (pending hash, schedule key, last-flush key) per conversation.
+# ARGV: schedule ttl ms, flush interval ms, shortest countdown ms, then per conversation:
+# its id, n fields, n x (field, seq).
+# Returns (conversation id, countdown ms) pairs, flattened: the flushes this call must
+# enqueue. The countdown throttles, it does not delay: a conversation is flushed at most
+# once per interval (counted from the last flush's start), but no later than the
+# interval after it, and never sooner than the shortest countdown (so the other
+# replicas' deliveries of the same messages make it into the same flush).
 _STAGE = """
 local ttl = ARGV[1]
-local now = tonumber(redis.call('TIME')[1])
-local pos = 2
+local interval, shortest = tonumber(ARGV[2]), tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1])
+local now_ms = now * 1000 + math.floor(tonumber(t[2]) / 1000)
+local pos = 4
 local out = {}
-for i = 2, #KEYS, 2 do
-  local pending, sched = KEYS[i], KEYS[i + 1]
+for i = 2, #KEYS, 3 do
+  local pending, sched, last = KEYS[i], KEYS[i + 1], KEYS[i + 2]
   local conv = ARGV[pos]
   local n = tonumber(ARGV[pos + 1])
   pos = pos + 2
@@ -86,9 +108,27 @@ for i = 2, #KEYS, 2 do
     if seq > cur then redis.call('HSET', pending, field, seq) end
   end
   redis.call('ZADD', KEYS[1], 'NX', now, conv)
-  if redis.call('SET', sched, '1', 'NX', 'PX', ttl) then out[#out + 1] = conv end
+  if redis.call('SET', sched, '1', 'NX', 'PX', ttl) then
+    local wait = shortest
+    local previous = tonumber(redis.call('GET', last) or '')
+    if previous and previous + interval - now_ms > wait then
+      wait = previous + interval - now_ms
+    end
+    out[#out + 1] = conv
+    out[#out + 1] = wait
+  end
 end
 return out
+"""
+
+# KEYS: schedule key, last-flush key. ARGV: last-flush key ttl ms.
+# A flush starts: a receipt staged from now on schedules the next one, counted from now.
+_FLUSH_STARTS = """
+redis.call('DEL', KEYS[1])
+local t = redis.call('TIME')
+local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('SET', KEYS[2], string.format('%.0f', ms), 'PX', ARGV[1])
+return 0
 """
 
 # KEYS: pending hash, dirty zset. ARGV: conversation id, then (field, applied seq) pairs.
@@ -118,10 +158,11 @@ def _run_script(client: redis.Redis, source: str, keys: list, args: list):
     return script(keys=keys, args=args, client=client)
 
 
-def _enqueue_flush(conversation_id: int) -> None:
+def _enqueue_flush(conversation_id: int, countdown: float | None = None) -> None:
     from parley.config.celery import app
 
-    app.send_task(FLUSH_TASK, args=[conversation_id], countdown=flush_seconds())
+    countdown = flush_seconds() if countdown is None else countdown
+    app.send_task(FLUSH_TASK, args=[conversation_id], countdown=countdown)
 
 
 def stage(
@@ -148,21 +189,31 @@ def stage(
     by_conv = {c: f for c, f in by_conv.items() if f}
     if not by_conv:
         return []
-    keys, args = [DIRTY_KEY], [int((flush_seconds() + SCHEDULE_GRACE_SECONDS) * 1000)]
+    keys = [DIRTY_KEY]
+    args = [
+        int((flush_seconds() + SCHEDULE_GRACE_SECONDS) * 1000),
+        int(flush_seconds() * 1000),
+        int(min(first_wait_seconds(), flush_seconds()) * 1000),
+    ]
     for conversation_id, fields in by_conv.items():
-        keys += [pending_key(conversation_id), schedule_key(conversation_id)]
+        keys += [
+            pending_key(conversation_id),
+            schedule_key(conversation_id),
+            last_flush_key(conversation_id),
+        ]
         args += [conversation_id, len(fields)]
         for field, seq in fields.items():
             args += [field, seq]
-    to_schedule = [int(c) for c in _run_script(client, _STAGE, keys, args)]
-    for conversation_id in to_schedule:
+    out = _run_script(client, _STAGE, keys, args)
+    to_schedule = [(int(out[i]), int(out[i + 1]) / 1000) for i in range(0, len(out), 2)]
+    for conversation_id, countdown in to_schedule:
         try:
-            _enqueue_flush(conversation_id)
+            _enqueue_flush(conversation_id, countdown)
         except Exception:
             # Let the next receipt (or the sweeper) schedule it again.
             client.delete(schedule_key(conversation_id))
             raise
-    return to_schedule
+    return [conversation_id for conversation_id, _ in to_schedule]
 
 
 # --- the realtime side ------------------------------------------------------------------
@@ -237,8 +288,14 @@ def receipts_flush(*, conversation_id: int, client: redis.Redis | None = None) -
     """
     client = client or redis_client()
     # Delete the schedule first: a receipt staged from now on schedules a new flush, so
-    # nothing staged after the read below waits for the sweeper.
-    client.delete(schedule_key(conversation_id))
+    # nothing staged after the read below waits for the sweeper. And note when this one
+    # started: the next one waits for the rest of the interval, not a whole one.
+    _run_script(
+        client,
+        _FLUSH_STARTS,
+        [schedule_key(conversation_id), last_flush_key(conversation_id)],
+        [int(flush_seconds() * 2000) + 1],
+    )
     raw = client.hgetall(pending_key(conversation_id))
     staged: dict[int, dict[str, int]] = {}
     for field, value in raw.items():

@@ -132,11 +132,10 @@ def test_redis_restarted_while_tasks_are_queued_the_worker_resumes_by_itself(
     }
     worker = None
 
-    def enqueue_flush(conversation_id):
+    def enqueue_flush(conversation_id, countdown=None):
+        countdown = receipts.flush_seconds() if countdown is None else countdown
         with app.connection_for_write(redis_server.url) as conn:
-            app.send_task(
-                FLUSH, args=[conversation_id], connection=conn, countdown=receipts.flush_seconds()
-            )
+            app.send_task(FLUSH, args=[conversation_id], connection=conn, countdown=countdown)
 
     monkeypatch.setattr(receipts, "_enqueue_flush", enqueue_flush)
 

@@ -1,0 +1,65 @@
+"""When a conversation's receipt flush runs: throttled, not delayed (parley.chat.receipts)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from parley.chat import receipts
+from parley.chat.ratelimit import redis_client
+
+pytestmark = pytest.mark.timeout(30)
+
+CID = 9_200_001  # no fixture creates conversations with ids this high
+
+
+@pytest.fixture
+def enqueued(monkeypatch):
+    monkeypatch.setenv("PARLEY_RECEIPT_FLUSH_SECONDS", "0.5")
+    monkeypatch.setenv("PARLEY_DELIVERY_BUFFER_SECONDS", "0.25")
+    calls: list[tuple[int, float]] = []
+    monkeypatch.setattr(
+        receipts, "_enqueue_flush", lambda cid, countdown: calls.append((cid, countdown))
+    )
+    client = redis_client()
+    keys = [receipts.pending_key(CID), receipts.schedule_key(CID), receipts.last_flush_key(CID)]
+    client.delete(*keys)
+    yield calls
+    client.delete(*keys)
+    client.zrem(receipts.DIRTY_KEY, CID)
+
+
+def start_flush() -> None:
+    """What receipts_flush does first (the rest needs the database)."""
+    receipts._run_script(
+        redis_client(),
+        receipts._FLUSH_STARTS,
+        [receipts.schedule_key(CID), receipts.last_flush_key(CID)],
+        [1000],
+    )
+
+
+def test_a_quiet_conversation_waits_only_for_the_other_replicas(enqueued):
+    assert receipts.stage([(CID, 7, 3, 0)]) == [CID]
+    assert enqueued == [(CID, 0.3)]  # the delivery buffer + 50 ms, not the interval
+    # While that flush is pending, nothing more is scheduled.
+    assert receipts.stage([(CID, 8, 3, 0)]) == []
+    assert len(enqueued) == 1
+
+
+def test_after_a_flush_the_next_waits_for_the_rest_of_the_interval(enqueued):
+    receipts.stage([(CID, 7, 3, 0)])
+    start_flush()
+    time.sleep(0.1)
+    receipts.stage([(CID, 7, 4, 0)])
+    (_, first), (_, second) = enqueued
+    assert first == 0.3
+    # 0.5 s after the flush started, 0.1 s ago: about 0.4 s from now, never the full 0.5.
+    assert 0.3 <= second <= 0.41, second
+    # Long after the last flush, a receipt waits only the short countdown again.
+    start_flush()
+    redis_client().pexpire(receipts.last_flush_key(CID), 1)
+    time.sleep(0.01)
+    receipts.stage([(CID, 7, 5, 0)])
+    assert enqueued[-1] == (CID, 0.3)
