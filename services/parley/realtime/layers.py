@@ -34,12 +34,13 @@ import logging
 import threading
 
 import redis
+import redis.asyncio as aioredis
 from channels_redis.pubsub import (
     RedisPubSubChannelLayer,
     RedisPubSubLoopLayer,
     RedisSingleShardConnection,
 )
-from channels_redis.utils import _consistent_hash, _wrap_close, decode_hosts
+from channels_redis.utils import _consistent_hash, _wrap_close, create_pool, decode_hosts
 from redis.sentinel import Sentinel
 
 from parley.realtime.lean import Inbox
@@ -49,7 +50,31 @@ logger = logging.getLogger(__name__)
 _RECENT = 32  # payloads remembered; each is held only until 32 newer ones arrived
 
 
+# Concurrent commands per node and Redis shard; more wait (up to 5 s) for a connection.
+# redis-py 8's asyncio pool allows 100 and then raises MaxConnectionsError: when 2,000
+# sockets closed at once, their presence "offline" publishes failed and were lost.
+LAYER_MAX_CONNECTIONS = 64
+
+
+def _pool(host: dict):
+    host = dict(host)
+    if "address" in host:
+        address = host.pop("address")
+        return aioredis.BlockingConnectionPool.from_url(
+            address, max_connections=LAYER_MAX_CONNECTIONS, timeout=5, **host
+        )
+    # Sentinel: redis-py has no blocking sentinel pool; allow far more than a burst needs.
+    host.setdefault("max_connections", 10_000)
+    return create_pool(host)
+
+
 class _Shard(RedisSingleShardConnection):
+    def _ensure_redis(self):
+        # As channels_redis' own, with the pool above.
+        if self._redis is None:
+            self._redis = aioredis.Redis(connection_pool=_pool(self.host))
+            self._pubsub = self._redis.pubsub()
+
     async def publish(self, channel, message):
         self._ensure_redis()  # synchronous: no other coroutine runs in between
         await self._redis.publish(channel, message)

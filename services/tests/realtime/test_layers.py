@@ -99,3 +99,15 @@ async def test_publish_on_commit_uses_the_committing_thread():
         assert len(threads) == 1 and threads[0].startswith("asyncio")
     finally:
         await layer.group_discard("t.commit", channel)
+
+
+async def test_a_burst_of_publishes_waits_for_connections_instead_of_failing():
+    """2,000 sockets closing at once publish 2,000 presence events together: more than
+    redis-py's asyncio pool allows (100, then MaxConnectionsError: the events were lost)."""
+    layer = get_channel_layer()
+    results = await asyncio.gather(
+        *(layer.group_send(f"t.burst.{i}", {"type": "x", "i": i}) for i in range(600)),
+        return_exceptions=True,
+    )
+    failures = [r for r in results if isinstance(r, Exception)]
+    assert not failures, failures[:3]
