@@ -76,8 +76,17 @@ def test_conversation_page_layout_at_desktop_and_phone_width(stack, new_page, tm
 
     for name, page in pages.items():
         viewport = SIZES[name]
+        # Measured once the page has settled (a transient element, e.g. a status line
+        # while a socket reconnects, gets 3 s); what stays too wide is named.
         width = page.evaluate("document.documentElement.scrollWidth")
-        assert width <= viewport["width"], f"{name}: the page is {width}px wide"
+        for _ in range(30):
+            if width <= viewport["width"]:
+                break
+            page.wait_for_timeout(100)
+            width = page.evaluate("document.documentElement.scrollWidth")
+        assert width <= viewport["width"], (
+            f"{name}: the page is {width}px wide; wider than the screen: {wider(page)}"
+        )
         box = page.locator("#composer").bounding_box()
         assert box["y"] + box["height"] <= viewport["height"] + 0.5, (name, box)
         newest = page.locator("#m-6").bounding_box()
@@ -86,3 +95,24 @@ def test_conversation_page_layout_at_desktop_and_phone_width(stack, new_page, tm
         assert newest["y"] >= header["y"] + header["height"], (name, newest, header)
         send = page.get_by_role("button", name="Send").bounding_box()
         assert send["x"] + send["width"] <= viewport["width"], (name, send)
+
+
+def wider(page) -> list[str]:
+    """The innermost elements that reach past the right edge of the screen (to say which)."""
+    return page.evaluate(
+        """() => {
+        const w = document.documentElement.clientWidth, out = [];
+        for (const el of document.querySelectorAll('body *')) {
+          const r = el.getBoundingClientRect();
+          if (r.right > w + 0.5 && ![...el.children].some(
+                c => c.getBoundingClientRect().right > w + 0.5)) {
+            const id = el.id ? '#' + el.id : '';
+            const cls = el.className && typeof el.className === 'string'
+              ? '.' + el.className.trim().split(/\\s+/).join('.') : '';
+            out.push(`${el.tagName.toLowerCase()}${id}${cls} right=${Math.round(r.right)}`
+                     + ` text=${JSON.stringify((el.textContent || '').slice(0, 60))}`);
+          }
+        }
+        return out.slice(0, 10);
+      }"""
+    )
