@@ -104,3 +104,25 @@ def test_two_users_on_two_replicas_chat_live_with_typing_presence_and_read_ticks
     sidebar_item = page_a.locator(f'.conversation-nav a[data-conversation-id="{cid}"]')
     expect(sidebar_item).to_contain_text("Bob Babbage")
     expect(sidebar_item.locator(".badge")).to_have_count(0)
+
+
+def test_a_members_message_counts_as_their_receipt(stack, new_page):
+    """Sending moves the sender's receipts without a receipt frame (docs/protocol.md):
+    the page takes the message itself as the sender's receipt."""
+    ada = stack.api.account("ada", "Ada Lovelace")
+    bob = stack.api.account("bob", "Bob Babbage")
+    cy = stack.api.account("cy", "Cy Young")
+    room = stack.api.room(ada, "Ticks", bob, cy)
+    page_a = new_page(ada)
+    page_a.goto(f"/c/{room['id']}/")
+    wait_live(page_a)
+    composer(page_a).fill("Anyone?")
+    composer(page_a).press("Enter")
+    # Nobody else is connected: no delivery, no receipt frame for anyone.
+    expect(page_a.locator("#m-1 .tick")).to_have_attribute("data-state", "sent")
+    # Bob answers over HTTP, never opening a socket: his message is all Ada's page hears.
+    stack.api.send(bob, room["id"], "Here.")
+    expect(page_a.locator("#m-2 .message-body")).to_have_text("Here.")
+    expect(page_a.locator("#m-1 .tick")).to_have_attribute("data-state", "read")
+    expect(page_a.locator("#m-1 .tick")).to_have_attribute("aria-label", "Read by 1 of 2")
+    assert not page_a.console_errors, page_a.console_errors

@@ -625,6 +625,12 @@ class ConversationView {
     if (mine) {
       this.setTick(li, "sent");
       this.readSent = Math.max(this.readSent, m.seq); // sending reads up to it
+    } else if (m.sender?.id) {
+      // Sending moves the sender's receipts to the message's seq; no receipt frame
+      // says so (docs/protocol.md, "receipt").
+      const member = this.member(m.sender.id, m.sender);
+      member.delivered = Math.max(member.delivered, m.seq);
+      member.read = Math.max(member.read, m.seq);
     }
     this.updateTicks();
     if (stick) this.scrollToBottom();
