@@ -317,6 +317,11 @@ class Generator:
         self.closes_total: Counter = Counter()
         self.reconnects = 0
         self.process = psutil.Process()
+        # A diagnostic: PARLEY_BENCH_RECEIPT_TRACE=FILE appends one JSON line per answered
+        # receipt sample (wall-clock ack and completion times, the member that came last).
+        trace = os.environ.get("PARLEY_BENCH_RECEIPT_TRACE")
+        self.receipt_trace = open(trace, "a") if trace else None  # noqa: SIM115
+        self.wall_offset = time.time() - clock()
 
     # --- frames (hot path) ---------------------------------------------------------------
 
@@ -326,10 +331,13 @@ class Generator:
         return None
 
     def on_message(self, client: Client, frame: dict, t: float) -> None:
-        stream = client.streams.get(frame["conversation"])
+        cid = frame["conversation"]
+        stream = client.streams.get(cid)
         if stream is None:
             return
         stream.add(frame["seq"])
+        if client.samples.get(cid):  # only a sampled message's sender waits for receipts
+            self._advance(client, cid, frame["sender"]["id"], frame["seq"], t)
         step = self.step
         idx = self._index(frame.get("client_id"))
         if step is not None and idx is not None and step.first_idx <= idx < step.end_idx:
@@ -353,9 +361,13 @@ class Generator:
                 step.receipt_samples += 1
 
     def on_receipt(self, client: Client, frame: dict, t: float) -> None:
-        cid = frame["conversation"]
+        self._advance(client, frame["conversation"], frame["user"], frame["delivered_seq"], t)
+
+    def _advance(self, client: Client, cid: int, user: int, delivered: int, t: float) -> None:
+        """`user` has `delivered` in conversation `cid`, as seen by `client`: a `receipt`
+        frame says so, and so does a `message` frame for its sender (sending moves the
+        sender's receipts to the message's seq without a receipt frame; docs/protocol.md)."""
         positions = client.receipts.setdefault(cid, {})
-        user, delivered = frame["user"], frame["delivered_seq"]
         if delivered > positions.get(user, 0):
             positions[user] = delivered
         pending = client.samples.get(cid)
@@ -365,8 +377,24 @@ class Generator:
         low = min((positions.get(u, 0) for u in others), default=0)
         done = [s for s in pending if s[0] <= low]
         if done:
-            for _, acked_at in done:
+            for seq, acked_at in done:
                 self.step.receipt_lag.add(t - acked_at)
+                if self.receipt_trace is not None:
+                    self.receipt_trace.write(
+                        orjson.dumps(
+                            {
+                                "conversation": cid,
+                                "seq": seq,
+                                "sender": client.user_id,
+                                "acked": acked_at + self.wall_offset,
+                                "done": t + self.wall_offset,
+                                "last": user,
+                                "label": self.step.label,
+                            }
+                        ).decode()
+                        + "\n"
+                    )
+                    self.receipt_trace.flush()
             client.samples[cid] = [s for s in pending if s[0] > low]
 
     # --- sockets -------------------------------------------------------------------------
