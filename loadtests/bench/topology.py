@@ -1,11 +1,15 @@
 """The local topology the benchmark measures: web (gunicorn), two realtime replicas
 (uvicorn), a worker (Celery), on the host's Postgres and Redis with a dedicated database
 and channel-layer prefix. Each service is started with the `parley` command, as an
-operator would; process handling comes from the multi-process test helpers.
+operator would (but the `naive` realtime replicas: see naive_realtime_argv); process
+handling comes from the multi-process test helpers.
 
-Configurations (`CONFIGS`) differ only by environment variables:
+Configurations (`CONFIGS`) differ by environment variables, and `naive` by its realtime
+command:
 - `parley`: the defaults (pub/sub channel layer, pooled connections, batched receipts);
-- `naive`: the tutorial's design, as far as the app can be switched to it (see NAIVE_ENV);
+- `naive`: the tutorial's design: its realtime replicas are plain uvicorn (asyncio, h11)
+  serving loadtests.bench.naive_consumer (a tutorial-style consumer) instead of
+  `parley realtime`, with the tutorial's settings (NAIVE_ENV, also for web and worker);
 - `noop`: no Parley at all, an in-memory server speaking the protocol (loadtests.bench.noop),
   to measure the load generator's own ceiling on this machine.
 """
@@ -57,25 +61,49 @@ BASE_ENV = {
     "PYTHONUNBUFFERED": "1",
 }
 
-# The tutorial's design, with the switches the app has:
+# The tutorial's settings, for every process of the `naive` configuration (its realtime
+# replicas run the tutorial's consumer: naive_realtime_argv):
 # - channels_redis' default RedisChannelLayer: a group send writes one copy per member
 #   channel (and drops silently past capacity);
 # - no connection pool and CONN_MAX_AGE=0: Django opens and closes a Postgres connection
 #   around every ORM call, as the tutorial's settings do;
-# - one ORM thread per process, like database_sync_to_async's thread_sensitive default
-#   (the realtime service sizes its ORM threads by DB_POOL_MAX_SIZE);
-# - receipts unbatched as far as the knobs go: staged at once, flushed at once.
-# What no switch can turn off (one transaction and one publish per message are already
-# what the app does; the consumer's ordering buffer, uvloop/httptools, orjson and the
-# single serialization per broadcast stay on) is listed in docs/benchmarks.md.
+# - one ORM thread per process: the naive consumer uses database_sync_to_async's
+#   thread-sensitive default; DB_POOL_MAX_SIZE=1 sizes the auth middleware's threads;
+# - no token cache in the auth middleware: every handshake reads its token, as
+#   AuthMiddlewareStack reads the session;
+# - receipts unbatched as far as the knobs go (the naive consumer records none; the web
+#   service's read receipts are staged at once, flushed at once).
 NAIVE_ENV = {
     "CHANNEL_LAYER_BACKEND": "core",
     "DB_POOL": "false",
     "CONN_MAX_AGE": "0",
     "DB_POOL_MAX_SIZE": "1",
+    "REALTIME_TOKEN_CACHE_SECONDS": "0",
     "PARLEY_DELIVERY_BUFFER_SECONDS": "0",
     "PARLEY_RECEIPT_FLUSH_SECONDS": "0",
 }
+
+NAIVE_APPLICATION = "loadtests.bench.naive_consumer:application"
+
+
+def naive_realtime_argv(host: str, port: int) -> list[str]:
+    """A realtime replica of the `naive` configuration: uvicorn run as the tutorial's
+    deployment would, on the asyncio loop with h11 and uvicorn's default WebSocket
+    protocol, serving loadtests.bench.naive_consumer (Parley's lean protocol, uvloop,
+    httptools, the node and its drain are `parley realtime`'s, not the tutorial's). The
+    process needs the repository root on PYTHONPATH (Topology sets it)."""
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        NAIVE_APPLICATION,
+        *("--host", host, "--port", str(port)),
+        *("--loop", "asyncio", "--http", "h11"),
+        *("--lifespan", "off"),  # the tutorial's ProtocolTypeRouter has no lifespan
+        *("--log-level", "warning", "--no-access-log"),
+        *("--timeout-graceful-shutdown", "5"),
+    ]
+
 
 CONFIGS: dict[str, dict[str, str]] = {
     "parley": {},
@@ -244,9 +272,13 @@ class Topology:
         for i in range(self.replicas):
             port = free_port()
             name = f"realtime-{'ABCDEFGH'[i]}"
+            if self.config == "naive":
+                argv = naive_realtime_argv("127.0.0.1", port)
+            else:
+                argv = [*PARLEY, "realtime", "--host", "127.0.0.1", "--port", str(port)]
             proc = Proc(
                 name,
-                [*PARLEY, "realtime", "--host", "127.0.0.1", "--port", str(port)],
+                argv,
                 {**self.env, "PARLEY_NODE_ID": f"lt-{self.config}-{name}"},
                 self.logdir,
             )
