@@ -359,7 +359,9 @@ def receipts_advance_many(
     read = [max(int(positions[u][1]), 0) for u in users]
     delivered = [max(int(positions[u][0]), r) for u, r in zip(users, read, strict=True)]
     table = connection.ops.quote_name(Membership._meta.db_table)
-    with transaction.atomic(), connection.cursor() as cur:
+    # No savepoint inside a caller's transaction: one statement needs none, and
+    # `receipts_advance` stays at BEGIN, this statement, its SELECT, COMMIT.
+    with transaction.atomic(savepoint=False), connection.cursor() as cur:
         cur.execute(
             f"""
             WITH v(u, d, r) AS (SELECT * FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[])),
