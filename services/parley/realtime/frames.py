@@ -5,9 +5,30 @@ built in parley.chat.events. docs/protocol.md is the catalogue of both.
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 from parley.chat import events
+
+# A private ASGI extension of `parley realtime`'s WebSocket protocol (server.py): the
+# scope's extensions list it, and a `{"type": WIRE_SEND, "bytes": ...}` message writes
+# ready-made WebSocket frames as they are. A node frames a broadcast once and every
+# local socket writes the same bytes (one write for all of a flush's receipt frames).
+WIRE_EXTENSION = "parley.wire"
+WIRE_SEND = "parley.wire.send"
+
+
+def wire_text(text: str) -> bytes:
+    """`text` as one unmasked, unfragmented WebSocket text frame (RFC 6455 5.2), as a
+    server sends it without extensions (permessage-deflate is off)."""
+    data = text.encode()
+    n = len(data)
+    if n < 126:
+        return bytes((0x81, n)) + data
+    if n < 65536:
+        return struct.pack("!BBH", 0x81, 126, n) + data
+    return struct.pack("!BBQ", 0x81, 127, n) + data
+
 
 PONG = events.dumps({"type": "pong"})
 

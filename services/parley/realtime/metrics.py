@@ -47,3 +47,13 @@ deliveries_recorded = Counter(
 
 # Hot-path children, bound once.
 FRAMES_OUT_MESSAGE = frames_out.labels("message")
+_frames_out_by_type: dict = {}
+
+
+def frames_out_of(kind: str):
+    """frames_out's child for `kind` (`labels()` costs a lock and a tuple per call; this
+    is on the path of every frame written)."""
+    child = _frames_out_by_type.get(kind)
+    if child is None:
+        child = _frames_out_by_type[kind] = frames_out.labels(kind)
+    return child

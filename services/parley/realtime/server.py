@@ -117,11 +117,17 @@ def _ws_protocol_class():
       3 KB) are dropped, and the request's headers emptied, once the handshake is
       answered: uvicorn reads them only to answer it. The ASGI scope keeps its own copy
       of the request headers.
+    - `parley.wire.send` messages write ready-made frames (parley.realtime.frames):
+      a broadcast is framed once per node, and a flush's receipt frames for a socket go
+      out in one write instead of one per frame.
     Nothing on the wire changes. tests/realtime/test_lean.py checks that the uvicorn
     internals this relies on are still there.
     """
+    from uvicorn.protocols.utils import ClientDisconnected
     from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+    from websockets.protocol import State
 
+    from parley.realtime.frames import WIRE_EXTENSION, WIRE_SEND
     from parley.realtime.lean import Flag, Inbox
 
     class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
@@ -131,7 +137,26 @@ def _ws_protocol_class():
             self.writable = Flag()
             self.writable.set()
 
+        def handle_connect(self, event) -> None:
+            super().handle_connect(event)
+            scope = self.__dict__.get("scope")
+            if scope is not None:  # the app starts on the next loop turn: still in time
+                scope["extensions"][WIRE_EXTENSION] = {}
+
         async def send(self, message) -> None:
+            if message["type"] == WIRE_SEND:
+                # Ready-made frames (parley.realtime.frames.wire_text): what a
+                # `websocket.send` would write, without framing them again per socket.
+                await self.writable.wait()
+                if (
+                    self.disconnected
+                    or self.close_sent
+                    or not self.handshake_complete
+                    or self.conn.state is not State.OPEN
+                ):
+                    raise ClientDisconnected()
+                self.transport.write(message["bytes"])
+                return
             await super().send(message)
             if self.handshake_complete and message["type"] == "websocket.accept":
                 request, self.request, self.response = self.request, None, None

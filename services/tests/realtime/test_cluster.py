@@ -169,6 +169,52 @@ def test_message_reaches_members_on_both_replicas_and_http_sends_too(cluster, ro
     asyncio.run(scenario())
 
 
+def test_broadcasts_framed_once_per_node_parse_as_frames_on_both_replicas(
+    cluster, room, alice, bob
+):
+    """`parley realtime` writes a broadcast's ready-made frames (frames.wire_text), a
+    flush's receipt frames in one write: a standard client reads each frame, in order,
+    whatever its length (7-bit, 16-bit and 64-bit length headers)."""
+    from channels.layers import get_channel_layer
+
+    ta, tb = token_for(alice), token_for(bob)
+    moved = [(alice.id, 0, 3, 0, 2), (bob.id, 1, 4, 0, 0), (alice.id + bob.id, 0, 1, 0, 1)]
+    sizes = {"short": 10, "medium": 300, "long": 70_000}
+
+    async def scenario():
+        socks = [
+            await Simple.open(url, t) for url, t in ((cluster.a.ws_url, ta), (cluster.b.ws_url, tb))
+        ]
+        layer = get_channel_layer()
+        group = events.conversation_group(room.id)
+        await layer.group_send(
+            group, events.receipts_event(conversation_id=room.id, moved=moved, everyone=True)
+        )
+        for name, size in sizes.items():
+            frame = {
+                "type": "typing",
+                "conversation": room.id,
+                "user": {"id": 0},
+                "pad": name * size,
+            }
+            await layer.group_send(
+                group, {"type": "chat.frame", "kind": "typing", "frame": events.dumps(frame)}
+            )
+        for sock in socks:
+            got = await sock.wait_count("receipt", 3)
+            assert [(f["user"], f["delivered_seq"], f["read_seq"]) for f in got] == [
+                (user, d, r) for user, _, d, _, r in moved
+            ]
+            padded = await sock.wait_count("typing", 3)
+            assert [len(f["pad"]) for f in padded] == [len(n) * s for n, s in sizes.items()]
+            await sock.send({"type": "ping"})  # and the socket is still in step
+            await sock.wait_for(lambda f: f["type"] == "pong", 5)
+        for sock in socks:
+            await sock.close()
+
+    asyncio.run(scenario())
+
+
 def test_order_holds_with_concurrent_senders_on_both_replicas(cluster, room, user_factory):
     senders = [user_factory() for _ in range(4)]
     http_sender = user_factory()

@@ -118,3 +118,103 @@ async def test_dispatch_many_keeps_channels_order_and_stops_cleanly():
     with pytest.raises(StopConsumer):
         await asyncio.wait_for(task, 1)
     assert seen == ["client-1", "layer-1", "stop"]
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 70_000])
+def test_wire_text_is_the_frame_websockets_would_write(size):
+    from websockets.protocol import State
+    from websockets.server import ServerProtocol
+
+    from parley.realtime.frames import wire_text
+
+    text = "é" * (size // 2) + "x" * (size % 2)  # multi-byte: lengths count bytes
+    server = ServerProtocol()
+    server.state = State.OPEN
+    server.send_text(text.encode())
+    assert wire_text(text) == b"".join(server.data_to_send())
+
+
+async def test_the_protocol_writes_ready_made_frames_only_on_an_open_socket():
+    import uvicorn
+    from uvicorn.protocols.utils import ClientDisconnected
+    from uvicorn.server import ServerState
+    from websockets.protocol import State
+
+    from parley.realtime.frames import WIRE_SEND, wire_text
+    from parley.realtime.server import _ws_protocol_class
+
+    async def app(scope, receive, send):  # pragma: no cover - never called
+        pass
+
+    class Transport:
+        def __init__(self) -> None:
+            self.written: list[bytes] = []
+
+        def write(self, data: bytes) -> None:
+            self.written.append(data)
+
+    cls = _ws_protocol_class()
+    config = uvicorn.Config(app, ws=cls, lifespan="off")
+    config.load()
+    protocol = cls(config=config, server_state=ServerState(), app_state={})
+    protocol.transport = Transport()
+    wire = wire_text('{"type":"pong"}')
+    with pytest.raises(ClientDisconnected):  # no handshake yet
+        await protocol.send({"type": WIRE_SEND, "bytes": wire})
+    protocol.handshake_complete = True
+    protocol.conn.state = State.OPEN
+    await protocol.send({"type": WIRE_SEND, "bytes": wire})
+    assert protocol.transport.written == [wire]
+    protocol.close_sent = True
+    with pytest.raises(ClientDisconnected):
+        await protocol.send({"type": WIRE_SEND, "bytes": wire})
+    assert protocol.transport.written == [wire]
+
+
+async def test_the_protocol_offers_ready_made_frames_in_the_scope():
+    import uvicorn
+    from uvicorn.server import ServerState
+    from websockets.datastructures import Headers
+    from websockets.http11 import Request
+
+    from parley.realtime.frames import WIRE_EXTENSION
+    from parley.realtime.server import _ws_protocol_class
+
+    scopes = []
+
+    async def app(scope, receive, send):
+        scopes.append(scope)
+
+    class Transport:
+        def write(self, data: bytes) -> None:
+            pass
+
+        def get_extra_info(self, name, default=None):
+            return {"sockname": ("127.0.0.1", 8001), "peername": ("127.0.0.1", 50000)}.get(
+                name, default
+            )
+
+        def is_closing(self) -> bool:
+            return False
+
+    cls = _ws_protocol_class()
+    config = uvicorn.Config(app, ws=cls, lifespan="off")
+    config.load()
+    protocol = cls(config=config, server_state=ServerState(), app_state={})
+    protocol.connection_made(Transport())
+    headers = Headers(
+        {
+            "Host": "localhost",
+            "Upgrade": "websocket",
+            "Connection": "Upgrade",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+            "Sec-WebSocket-Version": "13",
+        }
+    )
+    protocol.handle_connect(Request("/ws/chat/", headers))
+    for _ in range(20):
+        if scopes:
+            break
+        await asyncio.sleep(0.01)
+    assert scopes and WIRE_EXTENSION in scopes[0]["extensions"]
+    assert "websocket.http.response" in scopes[0]["extensions"]  # uvicorn's own stays
