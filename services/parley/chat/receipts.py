@@ -6,14 +6,17 @@ CONTRACT (the realtime service calls these):
   process and staged in Redis every DELIVERY_BUFFER_SECONDS in one script call.
 - `await record_read(conversation_id=, user_id=, seq=)`: for a WebSocket `read` frame.
   When it returns, the read is in Redis and a flush is scheduled: it survives this
-  process dying. Raises `redis.RedisError` (or a Celery/kombu error) if it could not.
+  process dying. Raises `redis.RedisError` if it could not.
 - `await flush_deliveries()`: stage what is buffered now (call it when draining).
 
 How receipts travel (docs/operations.md, "Receipts"):
 1. Staging merges into the Redis hash `parley:rcpt:<conversation>` (fields `d:<user>`
    and `r:<user>`, the highest seq wins) and, with `SET NX` on
-   `parley:rcpt:sched:<conversation>`, schedules at most one `parley.receipts.flush`
-   task per conversation at a time, with a countdown that throttles: the flush runs
+   `parley:rcpt:sched:<conversation>`, schedules at most one flush per conversation at a
+   time, in the sorted set `parley:rcpt:due` (scored by when it is due; no broker call on
+   the realtime side). Each worker's ticker takes what is due every
+   PARLEY_RECEIPT_TICK_SECONDS (atomically: one ticker gets each) and enqueues one
+   `parley.receipts.flush_many` task for all of it. The due time throttles: the flush runs
    PARLEY_RECEIPT_FLUSH_SECONDS after the previous one started (the key
    `parley:rcpt:last:<conversation>`), or after PARLEY_DELIVERY_BUFFER_SECONDS + 50 ms
    when that is later (the other replicas' buffered deliveries of the same messages
@@ -46,8 +49,10 @@ from parley.knobs import knob_float
 logger = logging.getLogger(__name__)
 
 FLUSH_TASK = "parley.receipts.flush"
+FLUSH_MANY_TASK = "parley.receipts.flush_many"
 KEY_PREFIX = "parley:rcpt:"
 DIRTY_KEY = f"{KEY_PREFIX}dirty"
+DUE_KEY = f"{KEY_PREFIX}due"
 # A schedule key outlives its countdown by this much in case its task is lost; the
 # sweeper (or the next receipt after that) schedules a new one.
 SCHEDULE_GRACE_SECONDS = 60
@@ -158,11 +163,48 @@ def _run_script(client: redis.Redis, source: str, keys: list, args: list):
     return script(keys=keys, args=args, client=client)
 
 
-def _enqueue_flush(conversation_id: int, countdown: float | None = None) -> None:
-    from parley.config.celery import app
+# KEYS: due zset. ARGV: conversation id, countdown ms. Due at Redis' now + countdown, or
+# earlier if it already was.
+_DUE_ADD = """
+local t = redis.call('TIME')
+local due = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[2])
+local cur = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]) or '')
+if not cur or due < cur then redis.call('ZADD', KEYS[1], due, ARGV[1]) end
+return 0
+"""
 
+# KEYS: due zset. ARGV: most ids to take. Takes (removes and returns) the conversations
+# that are due now: each is taken once, by one ticker, whichever worker runs it.
+_TAKE_DUE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+if #ids > 0 then redis.call('ZREM', KEYS[1], unpack(ids)) end
+return ids
+"""
+
+
+def tick_seconds() -> float:
+    """How often a worker's ticker moves due flushes into tasks (the most a flush waits
+    past its due time, besides the queue)."""
+    return knob_float("PARLEY_RECEIPT_TICK_SECONDS", 0.1)
+
+
+def _enqueue_flush(conversation_id: int, countdown: float | None = None) -> None:
+    """Schedule a conversation's flush `countdown` seconds from now (default: one flush
+    interval). It lands in the due set; the workers' tickers turn what is due into
+    `parley.receipts.flush_many` tasks, many conversations per task (take_due)."""
     countdown = flush_seconds() if countdown is None else countdown
-    app.send_task(FLUSH_TASK, args=[conversation_id], countdown=countdown)
+    _run_script(
+        redis_client(), _DUE_ADD, [DUE_KEY], [int(conversation_id), max(int(countdown * 1000), 0)]
+    )
+
+
+def take_due(*, client: redis.Redis | None = None, limit: int = 500) -> list[int]:
+    """Remove and return the conversations whose flush is due (at most `limit`). The
+    caller must enqueue their flush, or `_enqueue_flush` them again if it cannot."""
+    out = _run_script(client or redis_client(), _TAKE_DUE, [DUE_KEY], [int(limit)])
+    return [int(x) for x in out]
 
 
 def stage(

@@ -6,8 +6,9 @@
   it touches WORKER_HEARTBEAT_FILE. The file stays fresh only while the worker takes
   messages off the broker and runs them, so a worker that is alive but stuck (lost its
   broker connection for good, consumer wedged, pool hung) fails its liveness check;
-- the receipts sweeper (see parley.chat.receipts), under a Redis lock so that one worker
-  at a time sweeps;
+- the receipts ticker (every PARLEY_RECEIPT_TICK_SECONDS, the flushes that are due become
+  one `parley.receipts.flush_many` task) and sweeper (under a Redis lock so that one
+  worker at a time sweeps), see parley.chat.receipts;
 - an HTTP server on WORKER_METRICS_PORT with /metrics, /healthz and /readyz.
 """
 
@@ -76,6 +77,7 @@ def on_worker_ready(*, hostname: str) -> None:
     heartbeat_write(hostname=hostname)  # a fresh start counts as a heartbeat
     _state.stop.clear()
     _start_thread(_maintenance_loop, hostname, name="parley-worker-maintenance")
+    _start_thread(_receipts_ticker, name="parley-worker-receipts-ticker")
     port = conf.metrics_port()
     if port:
         from django.conf import settings
@@ -242,6 +244,40 @@ def _maintenance_loop(hostname: str) -> None:
         if time.monotonic() >= next_sweep:
             next_sweep = time.monotonic() + conf.sweep_interval()
             _sweep_receipts()
+
+
+# Conversations per flush_many task: a batch takes a few ms per conversation.
+TICK_BATCH = 20
+
+
+def _receipts_ticker() -> None:
+    """Every PARLEY_RECEIPT_TICK_SECONDS, move the receipt flushes that are due into
+    `parley.receipts.flush_many` tasks (parley.chat.receipts). Every worker runs one;
+    each due flush is taken by exactly one of them."""
+    from parley.chat import receipts
+    from parley.config.celery import app
+
+    tick = receipts.tick_seconds()
+    quiet_until = 0.0  # while Redis or the broker is away, warn every 10 s, not every tick
+    while not _state.stop.wait(tick):
+        try:
+            due = receipts.take_due(limit=TICK_BATCH * 10)
+        except Exception as exc:
+            if time.monotonic() >= quiet_until:
+                quiet_until = time.monotonic() + 10
+                logger.warning("receipt flushes not taken: %r", exc)
+            continue
+        for i in range(0, len(due), TICK_BATCH):
+            batch = due[i : i + TICK_BATCH]
+            try:
+                app.send_task(receipts.FLUSH_MANY_TASK, args=[batch], queue="receipts")
+            except Exception as exc:
+                logger.warning("receipt flushes not enqueued (%r); due again in 1 s", exc)
+                for conversation_id in batch:
+                    # If this fails too, the sweeper schedules them (after the schedule
+                    # key's grace).
+                    with contextlib.suppress(Exception):
+                        receipts._enqueue_flush(conversation_id, 1.0)
 
 
 def _sweep_receipts() -> None:

@@ -63,3 +63,46 @@ def test_after_a_flush_the_next_waits_for_the_rest_of_the_interval(enqueued):
     time.sleep(0.01)
     receipts.stage([(CID, 7, 5, 0)])
     assert enqueued[-1] == (CID, 0.3)
+
+
+@pytest.fixture
+def due_set():
+    client = redis_client()
+    ids = [CID + i for i in range(1, 4)]
+    client.zrem(receipts.DUE_KEY, *ids)
+    yield ids
+    client.zrem(receipts.DUE_KEY, *ids)
+
+
+def taken(ids) -> list[int]:
+    return [cid for cid in receipts.take_due() if cid in ids]
+
+
+def test_flushes_are_due_after_their_countdown_and_taken_exactly_once(due_set):
+    first, second, third = due_set
+    receipts._enqueue_flush(first, 0)
+    receipts._enqueue_flush(second, 0.3)
+    receipts._enqueue_flush(third, 0)
+    receipts._enqueue_flush(third, 5)  # already due sooner: stays due now
+    assert sorted(taken(due_set)) == [first, third]
+    assert taken(due_set) == []  # a second ticker gets nothing
+    time.sleep(0.35)
+    assert taken(due_set) == [second]
+    assert redis_client().zscore(receipts.DUE_KEY, second) is None
+
+
+def test_staging_puts_the_flush_in_the_due_set_not_the_broker(due_set, monkeypatch):
+    client = redis_client()
+    cid = due_set[0]
+    keys = [receipts.pending_key(cid), receipts.schedule_key(cid), receipts.last_flush_key(cid)]
+    client.delete(*keys)
+    try:
+        assert receipts.stage([(cid, 7, 3, 0)]) == [cid]
+        due_in = client.zscore(receipts.DUE_KEY, cid) / 1000 - client.time()[0]
+        assert 0 < due_in <= receipts.first_wait_seconds() + 1  # whole seconds from TIME
+        assert taken(due_set) == []  # not yet: the other replicas' deliveries may join
+        time.sleep(receipts.first_wait_seconds() + 0.05)
+        assert taken(due_set) == [cid]
+    finally:
+        client.delete(*keys)
+        client.zrem(receipts.DIRTY_KEY, cid)

@@ -29,6 +29,7 @@ FAST = {
 }
 
 FLUSH = "parley.receipts.flush"
+FLUSH_MANY = "parley.receipts.flush_many"  # what the tickers enqueue
 CONVERSATION = "parley.notifications.conversation"
 EMAIL = "parley.notifications.email"
 

@@ -8,7 +8,7 @@ import pytest
 
 from parley.chat import notifications, receipts, services
 from parley.chat.models import Membership, Notification
-from tests.worker.conftest import FLUSH, PUBLIC_URL, set_online
+from tests.worker.conftest import FLUSH_MANY, PUBLIC_URL, set_online
 from tests.worker.support import wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.multiprocess]
@@ -107,5 +107,5 @@ def test_coming_online_or_reading_ends_the_burst(pair, mailbox, user_factory):
     services.membership_mark_read(user=bob, conversation_id=room.id, seq=6)
     second.refresh_from_db()
     assert second.closed_at is not None
-    done = sum(w.tasks_done(FLUSH) for w in pair)
+    done = sum(w.tasks_done(FLUSH_MANY) for w in pair)
     assert done >= 1
