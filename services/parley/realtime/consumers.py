@@ -639,8 +639,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 wire = event.get("_wire_rows")
                 if wire is None:
                     wire = event["_wire_rows"] = b"".join(frames.wire_text(row[5]) for row in rows)
-                if await self._write_wire(wire):
-                    metrics.frames_out_of("receipt").inc(len(rows))
+                await self._emit({"type": frames.WIRE_SEND, "bytes": wire}, "receipt", len(rows))
                 return
             for row in rows:
                 if not await self._write(row[5], "receipt"):
@@ -796,13 +795,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
     # --- writing ---------------------------------------------------------------------------
 
     async def _write(self, text: str, kind: str | None = None) -> bool:
-        try:
-            await self.base_send({"type": "websocket.send", "text": text})
-        except Exception:
-            return False
-        if kind is not None:
-            metrics.frames_out_of(kind).inc()
-        return True
+        return await self._emit({"type": "websocket.send", "text": text}, kind)
 
     async def _write_event(self, event: dict, kind: str | None = None) -> bool:
         """Write `event["frame"]`. The node hands the same event to all its sockets of a
@@ -812,17 +805,17 @@ class ChatConsumer(AsyncWebsocketConsumer):
         wire = event.get("_wire")
         if wire is None:
             wire = event["_wire"] = frames.wire_text(event["frame"])
-        if not await self._write_wire(wire):
-            return False
-        if kind is not None:
-            metrics.frames_out_of(kind).inc()
-        return True
+        return await self._emit({"type": frames.WIRE_SEND, "bytes": wire}, kind)
 
-    async def _write_wire(self, wire: bytes) -> bool:
+    async def _emit(self, message: dict, kind: str | None = None, count: int = 1) -> bool:
+        """Send one ASGI message (`count` frames of type `kind`); False if the socket is
+        gone."""
         try:
-            await self.base_send({"type": frames.WIRE_SEND, "bytes": wire})
+            await self.base_send(message)
         except Exception:
             return False
+        if kind is not None:
+            metrics.frames_out_of(kind).inc(count)
         return True
 
     async def _error(self, code: str, detail: str, client_id=None) -> None:
