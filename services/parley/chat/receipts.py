@@ -190,13 +190,18 @@ def tick_seconds() -> float:
     return knob_float("PARLEY_RECEIPT_TICK_SECONDS", 0.1)
 
 
-def _enqueue_flush(conversation_id: int, countdown: float | None = None) -> None:
+def _enqueue_flush(
+    conversation_id: int, countdown: float | None = None, *, client: redis.Redis | None = None
+) -> None:
     """Schedule a conversation's flush `countdown` seconds from now (default: one flush
     interval). It lands in the due set; the workers' tickers turn what is due into
     `parley.receipts.flush_many` tasks, many conversations per task (take_due)."""
     countdown = flush_seconds() if countdown is None else countdown
     _run_script(
-        redis_client(), _DUE_ADD, [DUE_KEY], [int(conversation_id), max(int(countdown * 1000), 0)]
+        client or redis_client(),
+        _DUE_ADD,
+        [DUE_KEY],
+        [int(conversation_id), max(int(countdown * 1000), 0)],
     )
 
 
@@ -213,8 +218,8 @@ def stage(
     """Stage (conversation_id, user_id, delivered_seq, read_seq) receipts; schedule flushes.
 
     Synchronous (call it from a thread in async code). Returns the conversations for
-    which a flush was enqueued. Raises if Redis or the broker cannot be reached; what
-    was staged stays staged, and the sweeper schedules its flush later.
+    which a flush was scheduled (in the due set). Raises if Redis cannot be reached;
+    what was staged stays staged, and the sweeper schedules its flush later.
     """
     client = client or redis_client()
     by_conv: dict[int, dict[str, int]] = {}
@@ -250,7 +255,7 @@ def stage(
     to_schedule = [(int(out[i]), int(out[i + 1]) / 1000) for i in range(0, len(out), 2)]
     for conversation_id, countdown in to_schedule:
         try:
-            _enqueue_flush(conversation_id, countdown)
+            _enqueue_flush(conversation_id, countdown, client=client)
         except Exception:
             # Let the next receipt (or the sweeper) schedule it again.
             client.delete(schedule_key(conversation_id))
@@ -371,9 +376,10 @@ def sweep_after_seconds() -> float:
 def receipts_sweep(*, client: redis.Redis | None = None, limit: int = 1000) -> list[int]:
     """Schedule a flush for staged receipts whose scheduled flush was lost. Returns them.
 
-    A flush is lost when the process that staged receipts died (or lost the broker)
-    between staging and enqueueing, or when the broker lost the task. The dirty set
-    remembers when each conversation was staged or last flushed.
+    A flush is lost when the process that staged receipts died (or lost Redis) between
+    staging and scheduling, when a worker's ticker died between taking it from the due
+    set and enqueueing it, or when the broker lost the task. The dirty set remembers
+    when each conversation was staged or last flushed.
     """
     client = client or redis_client()
     now, _ = client.time()
@@ -388,7 +394,7 @@ def receipts_sweep(*, client: redis.Redis | None = None, limit: int = 1000) -> l
         if not client.set(schedule_key(conversation_id), "1", nx=True, px=ttl_ms):
             continue  # a flush is pending
         try:
-            _enqueue_flush(conversation_id)
+            _enqueue_flush(conversation_id, client=client)
         except Exception:
             client.delete(schedule_key(conversation_id))
             raise

@@ -20,7 +20,9 @@ def enqueued(monkeypatch):
     monkeypatch.setenv("PARLEY_DELIVERY_BUFFER_SECONDS", "0.25")
     calls: list[tuple[int, float]] = []
     monkeypatch.setattr(
-        receipts, "_enqueue_flush", lambda cid, countdown: calls.append((cid, countdown))
+        receipts,
+        "_enqueue_flush",
+        lambda cid, countdown, client=None: calls.append((cid, countdown)),
     )
     client = redis_client()
     keys = [receipts.pending_key(CID), receipts.schedule_key(CID), receipts.last_flush_key(CID)]

@@ -160,7 +160,7 @@ def test_staged_receipts_whose_flush_was_never_enqueued_are_swept(pair, user_fac
     alice, bob = user_factory("alice"), user_factory("bob")
     room = room_with_messages(alice, [bob], 40)
 
-    def broker_down(conversation_id, countdown=None):
+    def broker_down(conversation_id, countdown=None, client=None):
         raise ConnectionError("broker unreachable")
 
     # The read reaches Redis, then the realtime node cannot enqueue (or dies).

@@ -132,7 +132,7 @@ def test_redis_restarted_while_tasks_are_queued_the_worker_resumes_by_itself(
     }
     worker = None
 
-    def enqueue_flush(conversation_id, countdown=None):
+    def enqueue_flush(conversation_id, countdown=None, client=None):
         countdown = receipts.flush_seconds() if countdown is None else countdown
         with app.connection_for_write(redis_server.url) as conn:
             app.send_task(FLUSH, args=[conversation_id], connection=conn, countdown=countdown)
