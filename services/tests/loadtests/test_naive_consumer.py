@@ -17,7 +17,7 @@ import pytest
 
 from parley.accounts.services import token_create
 from parley.chat.models import Message
-from tests.realtime.cluster import Proc, Simple, child_env, free_port, http_get, wait_until
+from tests.realtime.cluster import Proc, Simple, child_env, free_port
 
 REPO = Path(__file__).resolve().parents[3]
 if str(REPO) not in sys.path:
@@ -48,15 +48,7 @@ class NaiveReplica(Proc):
         return f"ws://127.0.0.1:{self.port}/ws/chat/"
 
     def wait_ready(self, timeout: float = 40) -> None:
-        def up():
-            if not self.alive():
-                raise AssertionError(f"{self.name} exited:\n{self.tail()}")
-            try:
-                return http_get(f"http://127.0.0.1:{self.port}/readyz")[0] == 200
-            except OSError:
-                return False
-
-        wait_until(up, timeout, what=f"{self.name} /readyz")
+        self.wait_http_ok(f"http://127.0.0.1:{self.port}/readyz", timeout)
 
 
 @pytest.fixture

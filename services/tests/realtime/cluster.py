@@ -116,6 +116,19 @@ class Proc:
                 self.wait(5)
         self._log.close()
 
+    def wait_http_ok(self, url: str, timeout: float) -> None:
+        """Until `url` answers 200; fails at once, with the log, if the process exits."""
+
+        def up():
+            if not self.alive():
+                raise AssertionError(f"{self.name} exited:\n{self.tail()}")
+            try:
+                return http_get(url)[0] == 200
+            except OSError:
+                return False
+
+        wait_until(up, timeout, what=f"{self.name} {url}")
+
     def tail(self, n: int = 60) -> str:
         try:
             lines = self.log_path.read_text(errors="replace").splitlines()
@@ -149,15 +162,7 @@ class Realtime(Proc):
         return f"http://127.0.0.1:{self.port}"
 
     def wait_ready(self, timeout: float = 30) -> None:
-        def up():
-            if not self.alive():
-                raise AssertionError(f"{self.name} exited:\n{self.tail()}")
-            try:
-                return http_get(self.http_url + "/healthz")[0] == 200
-            except OSError:
-                return False
-
-        wait_until(up, timeout, what=f"{self.name} /healthz")
+        self.wait_http_ok(self.http_url + "/healthz", timeout)
 
 
 class Web(Proc):
@@ -182,15 +187,7 @@ class Web(Proc):
         return f"http://127.0.0.1:{self.port}"
 
     def wait_ready(self, timeout: float = 30) -> None:
-        def up():
-            if not self.alive():
-                raise AssertionError(f"web exited:\n{self.tail()}")
-            try:
-                return http_get(self.url + "/healthz")[0] == 200
-            except OSError:
-                return False
-
-        wait_until(up, timeout, what="web /healthz")
+        self.wait_http_ok(self.url + "/healthz", timeout)
 
 
 class RedisServer(Proc):

@@ -51,15 +51,22 @@ async def test_flag_waits_until_set():
     assert await flag.wait() is True
 
 
-async def test_dispatch_with_inbox_keeps_channels_order_and_stops_cleanly():
-    client: asyncio.Queue = asyncio.Queue()
-    inbox = Inbox()
+def recorder():
+    """A dispatch function that records what it gets and stops the loop on "stop"."""
     seen = []
 
     async def dispatch(message):
         seen.append(message)
         if message == "stop":
             raise StopConsumer
+
+    return seen, dispatch
+
+
+async def test_dispatch_with_inbox_keeps_channels_order_and_stops_cleanly():
+    client: asyncio.Queue = asyncio.Queue()
+    inbox = Inbox()
+    seen, dispatch = recorder()
 
     inbox.put_nowait("layer-1")
     client.put_nowait("client-1")  # both ready: the client's event goes first
@@ -75,20 +82,44 @@ async def test_dispatch_with_inbox_keeps_channels_order_and_stops_cleanly():
     assert inbox._waiters is None
 
 
-async def test_the_uvicorn_protocol_subclass_still_fits_uvicorn():
+class FakeTransport:
+    """What the protocol asks of its transport in these tests; records what it writes."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def get_extra_info(self, name, default=None):
+        return {"sockname": ("127.0.0.1", 8001), "peername": ("127.0.0.1", 50000)}.get(
+            name, default
+        )
+
+    def is_closing(self) -> bool:
+        return False
+
+
+def make_protocol(app=None):
+    """`parley realtime`'s WebSocket protocol as uvicorn builds it: (config, instance)."""
     import uvicorn
     from uvicorn.server import ServerState
 
     from parley.realtime.server import _ws_protocol_class
 
-    async def app(scope, receive, send):  # pragma: no cover - never called
+    async def never_called(scope, receive, send):  # pragma: no cover
         pass
 
     cls = _ws_protocol_class()
-    config = uvicorn.Config(app, ws=cls, lifespan="off")
+    config = uvicorn.Config(app or never_called, ws=cls, lifespan="off")
     config.load()
+    return config, cls(config=config, server_state=ServerState(), app_state={})
+
+
+async def test_the_uvicorn_protocol_subclass_still_fits_uvicorn():
+    config, protocol = make_protocol()
+    cls = type(protocol)
     assert config.ws_protocol_class is cls
-    protocol = cls(config=config, server_state=ServerState(), app_state={})
     # What the subclass replaces or drops must be what uvicorn uses.
     assert isinstance(protocol.queue, Inbox) and isinstance(protocol.writable, Flag)
     assert protocol.writable.is_set()
@@ -102,12 +133,7 @@ async def test_the_uvicorn_protocol_subclass_still_fits_uvicorn():
 async def test_dispatch_many_keeps_channels_order_and_stops_cleanly():
     client: asyncio.Queue = asyncio.Queue()
     layer: asyncio.Queue = asyncio.Queue()
-    seen = []
-
-    async def dispatch(message):
-        seen.append(message)
-        if message == "stop":
-            raise StopConsumer
+    seen, dispatch = recorder()
 
     layer.put_nowait("layer-1")
     client.put_nowait("client-1")
@@ -135,29 +161,13 @@ def test_wire_text_is_the_frame_websockets_would_write(size):
 
 
 async def test_the_protocol_writes_ready_made_frames_only_on_an_open_socket():
-    import uvicorn
     from uvicorn.protocols.utils import ClientDisconnected
-    from uvicorn.server import ServerState
     from websockets.protocol import State
 
     from parley.realtime.frames import WIRE_SEND, wire_text
-    from parley.realtime.server import _ws_protocol_class
 
-    async def app(scope, receive, send):  # pragma: no cover - never called
-        pass
-
-    class Transport:
-        def __init__(self) -> None:
-            self.written: list[bytes] = []
-
-        def write(self, data: bytes) -> None:
-            self.written.append(data)
-
-    cls = _ws_protocol_class()
-    config = uvicorn.Config(app, ws=cls, lifespan="off")
-    config.load()
-    protocol = cls(config=config, server_state=ServerState(), app_state={})
-    protocol.transport = Transport()
+    _, protocol = make_protocol()
+    protocol.transport = FakeTransport()
     wire = wire_text('{"type":"pong"}')
     with pytest.raises(ClientDisconnected):  # no handshake yet
         await protocol.send({"type": WIRE_SEND, "bytes": wire})
@@ -172,36 +182,18 @@ async def test_the_protocol_writes_ready_made_frames_only_on_an_open_socket():
 
 
 async def test_the_protocol_offers_ready_made_frames_in_the_scope():
-    import uvicorn
-    from uvicorn.server import ServerState
     from websockets.datastructures import Headers
     from websockets.http11 import Request
 
     from parley.realtime.frames import WIRE_EXTENSION
-    from parley.realtime.server import _ws_protocol_class
 
     scopes = []
 
     async def app(scope, receive, send):
         scopes.append(scope)
 
-    class Transport:
-        def write(self, data: bytes) -> None:
-            pass
-
-        def get_extra_info(self, name, default=None):
-            return {"sockname": ("127.0.0.1", 8001), "peername": ("127.0.0.1", 50000)}.get(
-                name, default
-            )
-
-        def is_closing(self) -> bool:
-            return False
-
-    cls = _ws_protocol_class()
-    config = uvicorn.Config(app, ws=cls, lifespan="off")
-    config.load()
-    protocol = cls(config=config, server_state=ServerState(), app_state={})
-    protocol.connection_made(Transport())
+    _, protocol = make_protocol(app)
+    protocol.connection_made(FakeTransport())
     headers = Headers(
         {
             "Host": "localhost",
