@@ -224,6 +224,20 @@ def _log_failure(fut) -> None:
 publisher = _Publisher()
 
 
+async def publish_now(group: str, event: dict[str, Any]) -> None:
+    """Publish from an event loop, after the commit that made `event`; never raises (the
+    live path is at-most-once, as for `publish_on_commit`)."""
+    from channels.layers import get_channel_layer
+
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    try:
+        await _send(layer, group, {**event, "ts": time.time()})
+    except Exception as exc:
+        logger.warning("event publish failed: %r", exc)
+
+
 def publish_on_commit(group: str, event: dict[str, Any]) -> None:
     """Publish `event` to `group` once the current transaction commits (never before)."""
     # "ts" (the commit time) lets receivers measure publish-to-delivery latency.

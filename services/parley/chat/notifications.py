@@ -93,7 +93,7 @@ def conversation_changed(*, conversation_id: int) -> bool:
     from parley.config.celery import app
 
     started = time.monotonic()
-    if _pending_until.get(conversation_id, 0.0) > started:
+    if pass_pending(conversation_id):
         return False
     client = redis_client()
     key = schedule_key(conversation_id)
@@ -137,6 +137,12 @@ def _pending_note(conversation_id: int, until: float) -> None:
             if len(_pending_until) >= PENDING_MAX:
                 _pending_until.clear()
         _pending_until[conversation_id] = until
+
+
+def pass_pending(conversation_id: int) -> bool:
+    """Whether this process knows a pass is pending that will cover a message committed
+    now (then `conversation_changed` would return at once without Redis)."""
+    return _pending_until.get(conversation_id, 0.0) > time.monotonic()
 
 
 def pending_forget() -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from django.conf import settings
-from django.db import IntegrityError, connection, transaction
+from django.db import DEFAULT_DB_ALIAS, IntegrityError, connection, transaction
 from django.utils import timezone
 from django.utils.text import slugify
 
@@ -66,17 +66,10 @@ def message_create(
                 row = _message_insert(sender, conversation_id, body, client_id)
         else:
             row = _message_insert(sender, conversation_id, body, client_id)
-        new_id, seq, created_at, allowed, *existing = row
-        if new_id is not None:
-            message = _message_loaded(
-                id=new_id,
-                conversation_id=conversation_id,
-                seq=seq,
-                sender=sender,
-                body=body,
-                client_id=client_id,
-                created_at=created_at,
-            )
+        message = message_from_row(
+            row, sender=sender, conversation_id=conversation_id, body=body, client_id=client_id
+        )
+        if message is not None:
             # On commit; at once when the statement committed by itself (autocommit).
             events.publish_on_commit(
                 events.conversation_group(conversation_id),
@@ -85,6 +78,7 @@ def message_create(
             # Offline members' notifications: one coalesced worker pass per conversation.
             notifications.notify_on_commit(conversation_id=conversation_id)
             return message, True
+        _, _, _, allowed, *existing = row
         if existing[0] is not None:
             # The client_id was already used (committed before this statement began).
             fields = dict(zip(_EXISTING_FIELDS, existing, strict=True))
@@ -149,27 +143,59 @@ LEFT JOIN existing AS e ON TRUE
 """
 
 
-def _message_insert_sql() -> str:
-    qn = connection.ops.quote_name
-    return (
-        _MESSAGE_INSERT_SQL.replace("$msg", qn(Message._meta.db_table))
-        .replace("$conv", qn(Conversation._meta.db_table))
-        .replace("$mem", qn(Membership._meta.db_table))
+_insert_sql: str | None = None
+
+
+def message_insert_statement(
+    *, sender: User, conversation_id: int, body: str, client_id: str | None
+) -> tuple[str, dict]:
+    """The one statement of a send, and its parameters (pyformat, for any psycopg cursor).
+
+    Run outside a transaction it commits by itself. Its row goes to `message_from_row`."""
+    global _insert_sql
+    if _insert_sql is None:
+        qn = connection.ops.quote_name  # table names only: no database access
+        _insert_sql = (
+            _MESSAGE_INSERT_SQL.replace("$msg", qn(Message._meta.db_table))
+            .replace("$conv", qn(Conversation._meta.db_table))
+            .replace("$mem", qn(Membership._meta.db_table))
+        )
+    params = {
+        "sender": sender.id,
+        "conversation": conversation_id,
+        "body": body,
+        "client_id": client_id,
+        "now": timezone.now(),
+    }
+    return _insert_sql, params
+
+
+def message_from_row(
+    row, *, sender: User, conversation_id: int, body: str, client_id: str | None
+) -> Message | None:
+    """The message the send statement inserted, or None when it inserted nothing (the
+    client_id was used before, the sender is not a member, or a concurrent retry won:
+    `message_create` tells which)."""
+    new_id, seq, created_at = row[:3]
+    if new_id is None:
+        return None
+    return _message_loaded(
+        id=new_id,
+        conversation_id=conversation_id,
+        seq=seq,
+        sender=sender,
+        body=body,
+        client_id=client_id,
+        created_at=created_at,
     )
 
 
 def _message_insert(sender: User, conversation_id: int, body: str, client_id: str | None):
+    sql, params = message_insert_statement(
+        sender=sender, conversation_id=conversation_id, body=body, client_id=client_id
+    )
     with connection.cursor() as cur:
-        cur.execute(
-            _message_insert_sql(),
-            {
-                "sender": sender.id,
-                "conversation": conversation_id,
-                "body": body,
-                "client_id": client_id,
-                "now": timezone.now(),
-            },
-        )
+        cur.execute(sql, params)
         return cur.fetchone()
 
 
@@ -177,7 +203,7 @@ def _message_loaded(**fields) -> Message:
     """A Message built from a row the statement returned, as if read by the ORM."""
     message = Message(**fields)
     message._state.adding = False
-    message._state.db = connection.alias
+    message._state.db = DEFAULT_DB_ALIAS  # not connection.alias: also built on event loops
     return message
 
 

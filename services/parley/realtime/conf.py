@@ -60,6 +60,15 @@ GAP_WAIT_SECONDS = _float("REALTIME_GAP_WAIT_SECONDS", 0.05)
 RESUME_MAX = 500
 # Sends a socket may have queued (committed one by one) before it stops reading frames.
 MAX_QUEUED_SENDS = _int("REALTIME_MAX_QUEUED_SENDS", 32)
+
+
+# Connections (per replica, on the event loop) for the send statement, beside the
+# DB_POOL_MAX_SIZE of the database threads (parley.realtime.sends). 0: sends go through
+# the threads like every other ORM call.
+def send_connections() -> int:
+    return max(0, _int("REALTIME_SEND_DB_CONNECTIONS", 4))
+
+
 # Events queued for a socket whose client does not read before it is closed with 1013.
 SLOW_SOCKET_BACKLOG = _int("REALTIME_SLOW_SOCKET_BACKLOG", 2000)
 # Per-socket budget for frames other than `send` (token bucket): burst and refill per s.

@@ -35,7 +35,7 @@ from django.db import Error as DatabaseError
 from parley.chat import events, receipts, selectors, services
 from parley.chat.errors import BadRequest, DomainError, NotFound, Unavailable
 from parley.chat.ratelimit import message_rate_check_async
-from parley.realtime import conf, frames, metrics
+from parley.realtime import conf, frames, metrics, sends
 from parley.realtime.db import db
 from parley.realtime.node import get_node
 
@@ -494,7 +494,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def _send(self, conversation_id: int, body: str, client_id: str, started: float):
         try:
             await message_rate_check_async(user_id=self.user_id)
-            message, _ = await db(services.message_create)(
+            message, _ = await sends.message_create(
+                self.node.pg,
                 sender=self.user,
                 conversation_id=conversation_id,
                 body=body,
@@ -503,7 +504,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         except DomainError as exc:
             await self._error(exc.code, exc.detail, client_id)
             return
-        except DatabaseError as exc:
+        except (DatabaseError, *sends.ERRORS) as exc:
             logger.warning("send failed: %r", exc)
             await self._error("unavailable", Unavailable.__doc__, client_id)
             return

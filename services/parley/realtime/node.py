@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from channels.layers import get_channel_layer
 
 from parley.chat import events, receipts, selectors
-from parley.realtime import conf, frames, metrics, presence, tokens
+from parley.realtime import conf, frames, metrics, presence, sends, tokens
 from parley.realtime.db import db
 
 if TYPE_CHECKING:
@@ -59,6 +59,8 @@ class Node:
         self._unhealthy_since: float | None = None
         self._last_resync: float | None = None
         self.layer = get_channel_layer()
+        size = conf.send_connections()
+        self.pg = sends.SendConnections(size) if size else None
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -98,6 +100,9 @@ class Node:
         for task in list(self._background):
             task.cancel()
         await bounded(flush_deliveries(), "flushing delivery receipts", conf.SHUTDOWN_STEP_SECONDS)
+        if self.pg is not None:  # a node started again (tests) makes new ones
+            old, self.pg = self.pg, sends.SendConnections(self.pg.size)
+            await bounded(old.close(), "closing the send connections", 1)
         self._started = False
         logger.info("node stopped in %.1f s", time.monotonic() - started)
 
@@ -463,6 +468,8 @@ def get_node() -> Node:
         for key, other in list(_nodes.items()):
             if other.loop.is_closed():
                 del _nodes[key]
+                if other.pg is not None:  # a test's loop, closed without node.stop()
+                    other.pg.abandon()
         node = _nodes[id(loop)] = Node(loop)
     return node
 

@@ -1,0 +1,156 @@
+"""parley.realtime.sends: the send statement on the event loop's own connections."""
+
+from __future__ import annotations
+
+import uuid
+
+import psycopg
+import pytest
+from channels.db import database_sync_to_async as sync_to_async
+from django.db import connection
+
+from parley.chat import services
+from parley.chat.errors import Conflict, NotFound
+from parley.chat.models import Message
+from parley.realtime import sends
+from parley.realtime.node import get_node
+
+from .conftest import open_socket
+
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.usefixtures("node_cleanup"),
+    pytest.mark.timeout(60),
+]
+
+
+@pytest.fixture
+async def pg():
+    conns = sends.SendConnections(2)
+    yield conns
+    await conns.close()
+
+
+def backend_pids(conns: sends.SendConnections) -> list[int]:
+    return [c.info.backend_pid for c in conns._idle]
+
+
+@sync_to_async
+def terminate(pids: list[int]) -> None:
+    with connection.cursor() as cur:
+        for pid in pids:
+            cur.execute("SELECT pg_terminate_backend(%s)", [pid])
+
+
+@sync_to_async
+def stored(conversation_id: int) -> list[Message]:
+    return list(Message.objects.filter(conversation_id=conversation_id).order_by("seq"))
+
+
+async def test_a_socket_send_commits_on_the_loops_connection_and_reaches_the_member(
+    room, alice, bob
+):
+    a, b = await open_socket(alice), await open_socket(bob)
+    await a.send({"type": "send", "conversation": room.id, "body": "hi", "client_id": "c1"})
+    ack = await a.expect("ack", client_id="c1")
+    got = await b.expect("message", conversation=room.id)
+    assert got["seq"] == ack["seq"] == 1 and got["body"] == "hi"
+    # Committed on the node's send connection, which stays open for the next send (the
+    # thread path would have left none there).
+    assert get_node().pg.idle == 1
+    [message] = await stored(room.id)
+    assert (message.id, message.seq, message.client_id) == (ack["id"], 1, "c1")
+    await a.disconnect()
+    await b.disconnect()
+
+
+async def test_the_message_is_the_one_the_orm_reads(pg, room, alice):
+    message, created = await sends.message_create(
+        pg, sender=alice, conversation_id=room.id, body=" é\u2603 ", client_id="x"
+    )
+    assert created
+    [read] = await stored(room.id)
+    assert (message.id, message.seq, message.body, message.client_id) == (
+        read.id,
+        read.seq,
+        read.body,
+        read.client_id,
+    )
+    # Same instant and the same zone as Django's connections use (frames carry isoformat).
+    assert message.created_at == read.created_at
+    assert message.created_at.utcoffset() == read.created_at.utcoffset()
+    assert message.created_at.isoformat() == read.created_at.isoformat()
+
+
+async def test_a_replayed_client_id_returns_the_first_message_without_writing(pg, room, alice):
+    first, created = await sends.message_create(
+        pg, sender=alice, conversation_id=room.id, body="one", client_id="same"
+    )
+    again, created_again = await sends.message_create(
+        pg, sender=alice, conversation_id=room.id, body="other", client_id="same"
+    )
+    assert created and not created_again
+    assert (again.id, again.seq, again.body) == (first.id, 1, "one")
+    assert len(await stored(room.id)) == 1
+
+
+async def test_the_statements_refusals_come_from_the_domain(pg, room, alice, carol):
+    with pytest.raises(NotFound):
+        await sends.message_create(
+            pg, sender=carol, conversation_id=room.id, body="x", client_id="c"
+        )
+    with pytest.raises(NotFound):
+        await sends.message_create(pg, sender=alice, conversation_id=10**9, body="x", client_id="c")
+    other = await sync_to_async(services.room_create)(creator=alice, name="Other")
+    await sends.message_create(pg, sender=alice, conversation_id=room.id, body="x", client_id="k")
+    with pytest.raises(Conflict):
+        await sends.message_create(
+            pg, sender=alice, conversation_id=other.id, body="y", client_id="k"
+        )
+    assert [m.body for m in await stored(room.id)] == ["x"]
+
+
+async def test_a_connection_lost_while_idle_is_replaced_and_the_send_goes_through(pg, room, alice):
+    await sends.message_create(pg, sender=alice, conversation_id=room.id, body="a", client_id="1")
+    assert pg.idle == 1
+    await terminate(backend_pids(pg))
+    # Repeating the statement is safe with a client_id: at most one message either way.
+    message, created = await sends.message_create(
+        pg, sender=alice, conversation_id=room.id, body="b", client_id="2"
+    )
+    assert created and message.seq == 2
+    assert [m.body for m in await stored(room.id)] == ["a", "b"]
+    assert pg.idle == 1
+
+
+async def test_without_a_client_id_a_lost_connection_is_an_error_not_a_repeat(pg, room, alice):
+    await sends.message_create(pg, sender=alice, conversation_id=room.id, body="a", client_id=None)
+    await terminate(backend_pids(pg))
+    with pytest.raises(psycopg.OperationalError):
+        await sends.message_create(
+            pg, sender=alice, conversation_id=room.id, body="b", client_id=None
+        )
+    assert pg.idle == 0
+    # The next send makes a new connection.
+    await sends.message_create(pg, sender=alice, conversation_id=room.id, body="c", client_id=None)
+    assert [m.body for m in await stored(room.id)] == ["a", "c"]
+
+
+async def test_with_no_connections_configured_the_send_runs_on_a_thread(room, alice):
+    message, created = await sends.message_create(
+        None, sender=alice, conversation_id=room.id, body="t", client_id=uuid.uuid4().hex
+    )
+    assert created and message.seq == 1
+
+
+async def test_stopping_the_node_closes_its_send_connections(room, alice):
+    sock = await open_socket(alice)
+    await sock.send({"type": "send", "conversation": room.id, "body": "x", "client_id": "s"})
+    await sock.expect("ack", client_id="s")
+    node = get_node()
+    conns = node.pg._idle[:]
+    assert len(conns) == 1
+    await sock.disconnect()
+    await node.stop()
+    assert all(c.closed for c in conns)
+    assert node.pg is not None and node.pg.idle == 0  # a new, empty set if it starts again
