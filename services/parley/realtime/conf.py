@@ -50,6 +50,9 @@ PRESENCE_RECONNECT_GRACE_SECONDS = _float("REALTIME_PRESENCE_RECONNECT_GRACE_SEC
 # Presence changes are broadcast to conversations of at most this many members (every
 # direct conversation, small rooms); larger rooms show presence through the members API.
 PRESENCE_MAX_MEMBERS = _int("PARLEY_PRESENCE_MAX_MEMBERS", 200)
+# Sockets opened within this window have their presence recorded and announced together
+# (Node.socket_online): "online" reaches members up to this much later.
+PRESENCE_BATCH_SECONDS = _float("REALTIME_PRESENCE_BATCH_SECONDS", 0.05)
 
 TYPING_THROTTLE_SECONDS = _float("REALTIME_TYPING_THROTTLE_SECONDS", 2.5)
 # How long a socket holds a message that arrived ahead of a missing seq before it reads

@@ -607,19 +607,41 @@ class ChatConsumer(AsyncWebsocketConsumer):
         conversation_id = event.get("conversation")
         if conversation_id is not None and conversation_id not in self.conversations:
             return  # left meanwhile
-        if kind == "typing":
-            if event.get("sender") == self.user_id:
-                return
-        elif kind == "presence":
-            # A user sharing several conversations with us is announced in each.
-            user_id, status = event.get("user"), event.get("status")
-            seen = self.presence_seen
-            if seen is None:
-                seen = self.presence_seen = {}
-            elif seen.get(user_id) == status:
-                return
-            seen[user_id] = status
+        if kind == "typing" and event.get("sender") == self.user_id:
+            return
         await self._write_event(event, kind or "event")
+
+    async def chat_presence(self, event: dict) -> None:
+        """Users of a conversation whose presence changed together (frames.presence_event):
+        their `presence` frames in one write. A user sharing several conversations with
+        this socket's user is announced in each: written once per change."""
+        if event["conversation"] not in self.conversations:
+            return
+        status, users = event["status"], event["users"]
+        seen = self.presence_seen
+        if seen is None:
+            seen = self.presence_seen = {}
+        fresh = [i for i, user_id in enumerate(users) if seen.get(user_id) != status]
+        if not fresh:
+            return
+        for i in fresh:
+            seen[users[i]] = status
+        if not self.wire:
+            for i in fresh:
+                if not await self._write(event["frames"][i], "presence"):
+                    return
+            return
+        # Framed once per node (the event object is shared by its sockets).
+        wires = event.get("_wires")
+        if wires is None:
+            wires = event["_wires"] = [frames.wire_text(text) for text in event["frames"]]
+        if len(fresh) == len(users):
+            data = event.get("_wire_all")
+            if data is None:
+                data = event["_wire_all"] = b"".join(wires)
+        else:
+            data = b"".join(wires[i] for i in fresh)
+        await self._emit({"type": frames.WIRE_SEND, "bytes": data}, "presence", len(fresh))
 
     async def chat_receipts(self, event: dict) -> None:
         """One flush's receipts of a conversation (chat.events.receipts_event).

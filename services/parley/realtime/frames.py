@@ -90,14 +90,18 @@ def typing_event(*, conversation_id: int, user) -> dict[str, Any]:
     }
 
 
-def presence_event(*, conversation_id: int, user_id: int, status: str) -> dict[str, Any]:
+def presence_event(*, conversation_id: int, user_ids: list[int], status: str) -> dict[str, Any]:
+    """Users of one conversation who came online (or went offline) together: one event,
+    one `presence` frame per user (ChatConsumer.chat_presence)."""
     return {
-        "type": "chat.frame",
-        "kind": "presence",
+        "type": "chat.presence",
         "conversation": conversation_id,
-        "user": user_id,
         "status": status,
-        "frame": events.dumps({"type": "presence", "user": user_id, "status": status}),
+        "users": user_ids,
+        "frames": [
+            events.dumps({"type": "presence", "user": user_id, "status": status})
+            for user_id in user_ids
+        ],
     }
 
 

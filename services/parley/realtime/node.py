@@ -21,6 +21,7 @@ import logging
 import random
 import re
 import time
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from channels.layers import get_channel_layer
@@ -54,6 +55,7 @@ class Node:
         self._fetches: dict[tuple[int, int, int], tuple[float, asyncio.Future]] = {}
         self._member_counts: dict[int, tuple[float, int]] = {}
         self._count_fetches: dict[int, asyncio.Task] = {}
+        self._arriving: list[ChatConsumer] | None = None  # sockets whose presence is due
         self._hooked: set[int] = set()
         self._last_echo = time.monotonic()
         self._unhealthy_since: float | None = None
@@ -309,52 +311,99 @@ class Node:
         return offline
 
     async def socket_online(self, consumer: ChatConsumer) -> None:
-        field = consumer.presence_field
-        if field is None:
+        """Record an opened socket's presence, together with the others that open within
+        PRESENCE_BATCH_SECONDS: one Redis call for them all, and their users' "online"
+        announced with one event per conversation (a room whose members connect at
+        once, after a deploy, gets one write per member socket, not one per pair)."""
+        if consumer.presence_field is None:
             return
+        batch = self._arriving
+        if batch is None:
+            batch = self._arriving = []
+            self.spawn(self._record_arrivals(batch), name="parley-presence-arrivals")
+        batch.append(consumer)
+
+    async def _record_arrivals(self, batch: list[ChatConsumer]) -> None:
+        await asyncio.sleep(conf.PRESENCE_BATCH_SECONDS)
+        if self._arriving is batch:
+            self._arriving = None
+        expiry = presence.expiry()
+        changes: dict[int, list[tuple[str, str]]] = {}
+        conversations: dict[int, set[int]] = {}
+        for consumer in batch:
+            field = consumer.presence_field
+            if field is None:
+                continue  # closed meanwhile (socket_offline cleared it)
+            changes.setdefault(consumer.user_id, []).append((field, expiry))
+            conversations.setdefault(consumer.user_id, set()).update(consumer.conversations)
         try:
-            change = await presence.update(consumer.user_id, [(field, presence.expiry())])
+            result = await presence.update_many(changes)
         except presence.REDIS_ERRORS as exc:
-            logger.warning("presence not recorded: %r", exc)
+            logger.warning("presence of %d sockets not recorded: %r", len(batch), exc)
             return
-        if change == 1:
-            await self.announce(
-                consumer.user_id, "online", conversation_ids=list(consumer.conversations)
-            )
+        online = [user_id for user_id, change in result.items() if change == 1]
+        if online:
+            await self.announce_many(online, "online", conversations)
 
     async def socket_offline(self, consumer: ChatConsumer, *, reconnecting: bool) -> None:
         field, consumer.presence_field = consumer.presence_field, None
         if field is None:
             return
         value = presence.expiry(conf.PRESENCE_RECONNECT_GRACE_SECONDS) if reconnecting else "-"
+        changes = [(field, value)]
+        # The user's sockets opened here whose presence is not recorded yet (a new tab
+        # while the old one closes) are recorded now: they keep the user online.
+        if self._arriving:
+            expiry = presence.expiry()
+            changes += [
+                (other.presence_field, expiry)
+                for other in self._arriving
+                if other.user_id == consumer.user_id and other.presence_field is not None
+            ]
         try:
-            change = await presence.update(consumer.user_id, [(field, value)])
+            change = await presence.update(consumer.user_id, changes)
         except presence.REDIS_ERRORS as exc:
             logger.warning("presence not cleared: %r", exc)
             return
-        if change == -1:
+        if change:
             await self.announce(
-                consumer.user_id, "offline", conversation_ids=list(consumer.conversations)
+                consumer.user_id,
+                "offline" if change == -1 else "online",
+                conversation_ids=list(consumer.conversations),
             )
 
     async def announce(
         self, user_id: int, status: str, *, conversation_ids: list[int] | None = None
     ) -> None:
         """Tell the members of the user's conversations (those small enough) its status."""
-        metrics.presence_changes.labels(status).inc()
-        try:
-            if conversation_ids is None:
+        if conversation_ids is None:
+            try:
                 rows = await db(selectors.conversation_ids_for_user)(user_id=user_id)
-                conversation_ids = [cid for cid, _ in rows]
-            counts = await self.member_counts(conversation_ids)
-            for cid in conversation_ids:
+            except Exception as exc:
+                logger.warning("presence %s of user %s not published: %r", status, user_id, exc)
+                return
+            conversation_ids = [cid for cid, _ in rows]
+        await self.announce_many([user_id], status, {user_id: conversation_ids})
+
+    async def announce_many(
+        self, user_ids: list[int], status: str, conversations: dict[int, Iterable[int]]
+    ) -> None:
+        """`announce` for several users: one event per conversation, naming all of them."""
+        metrics.presence_changes.labels(status).inc(len(user_ids))
+        by_conversation: dict[int, list[int]] = {}
+        for user_id in user_ids:
+            for cid in conversations.get(user_id, ()):
+                by_conversation.setdefault(cid, []).append(user_id)
+        try:
+            counts = await self.member_counts(list(by_conversation))
+            for cid, users in by_conversation.items():
                 if counts.get(cid, 0) <= conf.PRESENCE_MAX_MEMBERS:
                     await self.layer.group_send(
                         events.conversation_group(cid),
-                        frames.presence_event(conversation_id=cid, user_id=user_id, status=status),
+                        frames.presence_event(conversation_id=cid, user_ids=users, status=status),
                     )
         except Exception as exc:
-            logger.warning("presence %s of user %s not published: %r", status, user_id, exc)
+            logger.warning("presence %s of %d users not published: %r", status, len(user_ids), exc)
 
     async def member_counts(self, conversation_ids: list[int]) -> dict[int, int]:
         now = time.monotonic()

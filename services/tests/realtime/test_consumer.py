@@ -504,6 +504,66 @@ async def test_presence_with_several_sockets(room, alice, bob):
     await b.disconnect()
 
 
+async def test_sockets_opening_together_are_recorded_and_announced_together(
+    room, alice, bob, carol, monkeypatch
+):
+    await sync_to_async(services.room_join)(user=carol, slug=room.slug)
+    calls, published = [], []
+    update_many = rt_presence.update_many
+
+    async def counted(batch):
+        calls.append(sorted(batch))
+        return await update_many(batch)
+
+    monkeypatch.setattr(rt_presence, "update_many", counted)
+    layer = get_channel_layer()
+    group_send = layer.group_send
+
+    async def spied(group, message):
+        if message.get("type") == "chat.presence":
+            published.append(message["users"])
+        return await group_send(group, message)
+
+    monkeypatch.setattr(layer, "group_send", spied)
+    b = await open_socket(bob)
+    await b.expect("presence", user=bob.id)  # its own, announced to the room
+    calls.clear(), published.clear()
+    a, c = await asyncio.gather(open_socket(alice), open_socket(carol))
+    got = {(await b.expect("presence", timeout=2))["user"] for _ in range(2)}
+    assert got == {alice.id, carol.id}
+    assert calls == [sorted([alice.id, carol.id])]  # one presence call for both sockets
+    assert [sorted(users) for users in published] == [sorted([alice.id, carol.id])]
+    for sock in (a, b, c):
+        await sock.disconnect()
+
+
+async def test_a_new_socket_keeps_its_user_online_while_the_old_one_closes(
+    room, alice, bob, monkeypatch
+):
+    b = await open_socket(bob)
+    a1 = await open_socket(alice)
+    await b.expect("presence", user=alice.id, status="online")
+    monkeypatch.setattr(conf, "PRESENCE_BATCH_SECONDS", 0.5)
+    a2 = await open_socket(alice)  # its presence is not recorded yet...
+    await a1.disconnect()  # ...when the old socket closes: no offline, no flap
+    await b.nothing("presence", 1.0, user=alice.id)
+    assert await sync_to_async(presence.online_user_ids)(user_ids=[alice.id]) == {alice.id}
+    await a2.disconnect()
+    assert (await b.expect("presence", user=alice.id))["status"] == "offline"
+    await b.disconnect()
+
+
+async def test_a_socket_closed_before_its_presence_was_recorded_is_never_announced(
+    room, alice, bob
+):
+    b = await open_socket(bob)
+    a = await open_socket(alice)
+    await a.disconnect()
+    await b.nothing("presence", conf.PRESENCE_BATCH_SECONDS * 4, user=alice.id)
+    assert await sync_to_async(presence.online_user_ids)(user_ids=[alice.id]) == set()
+    await b.disconnect()
+
+
 async def test_sweep_announces_users_whose_node_died(room, alice, bob):
     b = await open_socket(bob)
     # Alice's socket lives on a node that stopped heartbeating: her entry has lapsed.
