@@ -58,7 +58,7 @@ CONSTRAINTS: dict[str, dict] = {
     "*.threads": {"minimum": 1},
     "*.concurrency": {"minimum": 1},
     "*.dbPoolMaxSize": {"minimum": 1},
-    "realtime.sendDbConnections": {"minimum": 0},
+    "realtime.asyncDbConnections": {"minimum": 0},
     "*Seconds": {"minimum": 0},
     "realtime.autoscaling.connections.averageValue": {"type": ["string", "integer"]},
     "migrations.mode": {"enum": ["hook", "initContainer"]},

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 from datetime import datetime
 
-from django.db import connection
+from django.db import DEFAULT_DB_ALIAS, connection
 from django.utils import timezone
 
 from parley.accounts.models import ApiToken, User
@@ -19,14 +19,15 @@ def token_by_digest(*, digest: str) -> tuple[int, datetime | None, User] | None:
     """
     # Raw SQL: every WebSocket handshake with a token comes here, and compiling the ORM
     # query (select_related) cost more than Postgres answering it.
-    fields = _user_fields()
     with connection.cursor() as cur:
-        cur.execute(_token_sql(), [digest])
+        cur.execute(token_sql(), [digest])
         row = cur.fetchone()
-    if row is None:
-        return None
-    user = User.from_db(connection.alias, fields, row[2:])
-    return row[0], row[1], user
+    return None if row is None else token_from_row(row)
+
+
+def token_from_row(row) -> tuple[int, datetime | None, User]:
+    """`token_by_digest`'s result from a row of `token_sql()` (read by any cursor)."""
+    return row[0], row[1], User.from_db(DEFAULT_DB_ALIAS, _user_fields(), row[2:])
 
 
 @functools.cache
@@ -35,7 +36,8 @@ def _user_fields() -> list[str]:
 
 
 @functools.cache
-def _token_sql() -> str:
+def token_sql() -> str:
+    """The token lookup: one parameter, the digest (pyformat, for any psycopg cursor)."""
     qn = connection.ops.quote_name
     columns = ", ".join(f"u.{qn(f.column)}" for f in User._meta.concrete_fields)
     return (

@@ -91,12 +91,13 @@ def conversation_ids_for_user(*, user_id: int) -> list[tuple[int, int]]:
     more than Postgres answering it (connect profiles in docs/benchmarks.md).
     """
     with connection.cursor() as cur:
-        cur.execute(_conversation_ids_sql(), [user_id])
+        cur.execute(conversation_ids_sql(), [user_id])
         return [(cid, last_seq) for cid, last_seq in cur.fetchall()]
 
 
 @functools.cache
-def _conversation_ids_sql() -> str:
+def conversation_ids_sql() -> str:
+    """`conversation_ids_for_user`'s query: one parameter, the user id."""
     return (
         f"SELECT m.conversation_id, c.last_seq FROM {_table(Membership)} m "  # noqa: S608
         f"JOIN {_table(Conversation)} c ON c.id = m.conversation_id "

@@ -65,11 +65,11 @@ RESUME_MAX = 500
 MAX_QUEUED_SENDS = _int("REALTIME_MAX_QUEUED_SENDS", 32)
 
 
-# Connections (per replica, on the event loop) for the send statement, beside the
-# DB_POOL_MAX_SIZE of the database threads (parley.realtime.sends). 0: sends go through
-# the threads like every other ORM call.
-def send_connections() -> int:
-    return max(0, _int("REALTIME_SEND_DB_CONNECTIONS", 4))
+# Connections (per replica) the event loop uses itself for sends and handshake reads,
+# beside the DB_POOL_MAX_SIZE of the database threads (parley.realtime.pg). 0: those go
+# through the threads like every other ORM call.
+def async_db_connections() -> int:
+    return max(0, _int("REALTIME_ASYNC_DB_CONNECTIONS", 4))
 
 
 # Events queued for a socket whose client does not read before it is closed with 1013.

@@ -35,7 +35,7 @@ from django.db import Error as DatabaseError
 from parley.chat import events, receipts, selectors, services
 from parley.chat.errors import BadRequest, DomainError, NotFound, Unavailable
 from parley.chat.ratelimit import message_rate_check_async
-from parley.realtime import conf, frames, metrics, sends
+from parley.realtime import conf, frames, metrics, pg
 from parley.realtime.db import db
 from parley.realtime.node import get_node
 
@@ -350,10 +350,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
         layer = self.channel_layer
         await layer.group_add(events.user_group(self.user_id), self.channel_name)
         self.node.hook_layer()
-        before = await db(selectors.conversation_ids_for_user)(user_id=self.user_id)
+        before = await pg.conversation_ids_for_user(self.node.loop_db, self.user_id)
         for cid, _ in before:
             await layer.group_add(events.conversation_group(cid), self.channel_name)
-        rows = await db(selectors.conversation_ids_for_user)(user_id=self.user_id)
+        rows = await pg.conversation_ids_for_user(self.node.loop_db, self.user_id)
         known = {cid for cid, _ in before}
         for cid, _ in rows:
             if cid not in known:
@@ -494,8 +494,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def _send(self, conversation_id: int, body: str, client_id: str, started: float):
         try:
             await message_rate_check_async(user_id=self.user_id)
-            message, _ = await sends.message_create(
-                self.node.pg,
+            message, _ = await pg.message_create(
+                self.node.loop_db,
                 sender=self.user,
                 conversation_id=conversation_id,
                 body=body,
@@ -504,7 +504,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         except DomainError as exc:
             await self._error(exc.code, exc.detail, client_id)
             return
-        except (DatabaseError, *sends.ERRORS) as exc:
+        except (DatabaseError, *pg.ERRORS) as exc:
             logger.warning("send failed: %r", exc)
             await self._error("unavailable", Unavailable.__doc__, client_id)
             return

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from channels.layers import get_channel_layer
 
 from parley.chat import events, receipts, selectors
-from parley.realtime import conf, frames, metrics, presence, sends, tokens
+from parley.realtime import conf, frames, metrics, pg, presence, tokens
 from parley.realtime.db import db
 
 if TYPE_CHECKING:
@@ -61,8 +61,8 @@ class Node:
         self._unhealthy_since: float | None = None
         self._last_resync: float | None = None
         self.layer = get_channel_layer()
-        size = conf.send_connections()
-        self.pg = sends.SendConnections(size) if size else None
+        size = conf.async_db_connections()
+        self.loop_db = pg.LoopConnections(size) if size else None
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -102,9 +102,9 @@ class Node:
         for task in list(self._background):
             task.cancel()
         await bounded(flush_deliveries(), "flushing delivery receipts", conf.SHUTDOWN_STEP_SECONDS)
-        if self.pg is not None:  # a node started again (tests) makes new ones
-            old, self.pg = self.pg, sends.SendConnections(self.pg.size)
-            await bounded(old.close(), "closing the send connections", 1)
+        if self.loop_db is not None:  # a node started again (tests) makes new ones
+            old, self.loop_db = self.loop_db, pg.LoopConnections(self.loop_db.size)
+            await bounded(old.close(), "closing the loop's database connections", 1)
         self._started = False
         logger.info("node stopped in %.1f s", time.monotonic() - started)
 
@@ -378,7 +378,7 @@ class Node:
         """Tell the members of the user's conversations (those small enough) its status."""
         if conversation_ids is None:
             try:
-                rows = await db(selectors.conversation_ids_for_user)(user_id=user_id)
+                rows = await pg.conversation_ids_for_user(self.loop_db, user_id)
             except Exception as exc:
                 logger.warning("presence %s of user %s not published: %r", status, user_id, exc)
                 return
@@ -517,8 +517,8 @@ def get_node() -> Node:
         for key, other in list(_nodes.items()):
             if other.loop.is_closed():
                 del _nodes[key]
-                if other.pg is not None:  # a test's loop, closed without node.stop()
-                    other.pg.abandon()
+                if other.loop_db is not None:  # a test's loop, closed without node.stop()
+                    other.loop_db.abandon()
         node = _nodes[id(loop)] = Node(loop)
     return node
 

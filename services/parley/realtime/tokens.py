@@ -29,10 +29,9 @@ from django.db import close_old_connections
 from django.utils import timezone
 
 from parley.accounts.models import User
-from parley.accounts.selectors import token_by_digest
 from parley.accounts.services import token_digest, token_touch_due, tokens_touch
-from parley.realtime import conf
-from parley.realtime.db import db, executor
+from parley.realtime import conf, pg
+from parley.realtime.db import executor
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +164,9 @@ async def user_from_token(token: str) -> User | None:
     now = time.monotonic()
     entry = cache.get(digest, now) if ttl > 0 else None
     if entry is None:
-        found = await db(token_by_digest)(digest=digest)
+        from parley.realtime.node import get_node  # node imports this module
+
+        found = await pg.token_by_digest(get_node().loop_db, digest)
         if found is None:
             cache.discard(digest)
             return None

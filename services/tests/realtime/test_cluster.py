@@ -719,7 +719,7 @@ def test_sigterm_while_a_send_waits_on_a_row_lock_exits_0_in_time(
         "L",
         REALTIME_DRAIN_SECONDS="1",
         REALTIME_GRACE_SECONDS="30",
-        REALTIME_SEND_DB_CONNECTIONS=send_connections,
+        REALTIME_ASYNC_DB_CONNECTIONS=send_connections,
     )
     proc.wait_ready()
     token = token_for(alice)

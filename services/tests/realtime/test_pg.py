@@ -1,4 +1,4 @@
-"""parley.realtime.sends: the send statement on the event loop's own connections."""
+"""parley.realtime.pg: sends and handshake reads on the event loop's own connections."""
 
 from __future__ import annotations
 
@@ -9,10 +9,13 @@ import pytest
 from channels.db import database_sync_to_async as sync_to_async
 from django.db import connection
 
-from parley.chat import services
+from parley.accounts import selectors as account_selectors
+from parley.accounts.models import User
+from parley.accounts.services import token_create, token_digest
+from parley.chat import selectors, services
 from parley.chat.errors import Conflict, NotFound
 from parley.chat.models import Message
-from parley.realtime import sends
+from parley.realtime import pg as apg
 from parley.realtime.node import get_node
 
 from .conftest import open_socket
@@ -26,12 +29,12 @@ pytestmark = [
 
 @pytest.fixture
 async def pg():
-    conns = sends.SendConnections(2)
+    conns = apg.LoopConnections(2)
     yield conns
     await conns.close()
 
 
-def backend_pids(conns: sends.SendConnections) -> list[int]:
+def backend_pids(conns: apg.LoopConnections) -> list[int]:
     return [c.info.backend_pid for c in conns._idle]
 
 
@@ -57,7 +60,7 @@ async def test_a_socket_send_commits_on_the_loops_connection_and_reaches_the_mem
     assert got["seq"] == ack["seq"] == 1 and got["body"] == "hi"
     # Committed on the node's send connection, which stays open for the next send (the
     # thread path would have left none there).
-    assert get_node().pg.idle == 1
+    assert get_node().loop_db.idle == 1
     [message] = await stored(room.id)
     assert (message.id, message.seq, message.client_id) == (ack["id"], 1, "c1")
     await a.disconnect()
@@ -65,7 +68,7 @@ async def test_a_socket_send_commits_on_the_loops_connection_and_reaches_the_mem
 
 
 async def test_the_message_is_the_one_the_orm_reads(pg, room, alice):
-    message, created = await sends.message_create(
+    message, created = await apg.message_create(
         pg, sender=alice, conversation_id=room.id, body=" é\u2603 ", client_id="x"
     )
     assert created
@@ -83,10 +86,10 @@ async def test_the_message_is_the_one_the_orm_reads(pg, room, alice):
 
 
 async def test_a_replayed_client_id_returns_the_first_message_without_writing(pg, room, alice):
-    first, created = await sends.message_create(
+    first, created = await apg.message_create(
         pg, sender=alice, conversation_id=room.id, body="one", client_id="same"
     )
-    again, created_again = await sends.message_create(
+    again, created_again = await apg.message_create(
         pg, sender=alice, conversation_id=room.id, body="other", client_id="same"
     )
     assert created and not created_again
@@ -96,26 +99,24 @@ async def test_a_replayed_client_id_returns_the_first_message_without_writing(pg
 
 async def test_the_statements_refusals_come_from_the_domain(pg, room, alice, carol):
     with pytest.raises(NotFound):
-        await sends.message_create(
-            pg, sender=carol, conversation_id=room.id, body="x", client_id="c"
-        )
+        await apg.message_create(pg, sender=carol, conversation_id=room.id, body="x", client_id="c")
     with pytest.raises(NotFound):
-        await sends.message_create(pg, sender=alice, conversation_id=10**9, body="x", client_id="c")
+        await apg.message_create(pg, sender=alice, conversation_id=10**9, body="x", client_id="c")
     other = await sync_to_async(services.room_create)(creator=alice, name="Other")
-    await sends.message_create(pg, sender=alice, conversation_id=room.id, body="x", client_id="k")
+    await apg.message_create(pg, sender=alice, conversation_id=room.id, body="x", client_id="k")
     with pytest.raises(Conflict):
-        await sends.message_create(
+        await apg.message_create(
             pg, sender=alice, conversation_id=other.id, body="y", client_id="k"
         )
     assert [m.body for m in await stored(room.id)] == ["x"]
 
 
 async def test_a_connection_lost_while_idle_is_replaced_and_the_send_goes_through(pg, room, alice):
-    await sends.message_create(pg, sender=alice, conversation_id=room.id, body="a", client_id="1")
+    await apg.message_create(pg, sender=alice, conversation_id=room.id, body="a", client_id="1")
     assert pg.idle == 1
     await terminate(backend_pids(pg))
     # Repeating the statement is safe with a client_id: at most one message either way.
-    message, created = await sends.message_create(
+    message, created = await apg.message_create(
         pg, sender=alice, conversation_id=room.id, body="b", client_id="2"
     )
     assert created and message.seq == 2
@@ -124,20 +125,20 @@ async def test_a_connection_lost_while_idle_is_replaced_and_the_send_goes_throug
 
 
 async def test_without_a_client_id_a_lost_connection_is_an_error_not_a_repeat(pg, room, alice):
-    await sends.message_create(pg, sender=alice, conversation_id=room.id, body="a", client_id=None)
+    await apg.message_create(pg, sender=alice, conversation_id=room.id, body="a", client_id=None)
     await terminate(backend_pids(pg))
     with pytest.raises(psycopg.OperationalError):
-        await sends.message_create(
+        await apg.message_create(
             pg, sender=alice, conversation_id=room.id, body="b", client_id=None
         )
     assert pg.idle == 0
     # The next send makes a new connection.
-    await sends.message_create(pg, sender=alice, conversation_id=room.id, body="c", client_id=None)
+    await apg.message_create(pg, sender=alice, conversation_id=room.id, body="c", client_id=None)
     assert [m.body for m in await stored(room.id)] == ["a", "c"]
 
 
 async def test_with_no_connections_configured_the_send_runs_on_a_thread(room, alice):
-    message, created = await sends.message_create(
+    message, created = await apg.message_create(
         None, sender=alice, conversation_id=room.id, body="t", client_id=uuid.uuid4().hex
     )
     assert created and message.seq == 1
@@ -148,9 +149,43 @@ async def test_stopping_the_node_closes_its_send_connections(room, alice):
     await sock.send({"type": "send", "conversation": room.id, "body": "x", "client_id": "s"})
     await sock.expect("ack", client_id="s")
     node = get_node()
-    conns = node.pg._idle[:]
+    conns = node.loop_db._idle[:]
     assert len(conns) == 1
     await sock.disconnect()
     await node.stop()
     assert all(c.closed for c in conns)
-    assert node.pg is not None and node.pg.idle == 0  # a new, empty set if it starts again
+    assert node.loop_db is not None and node.loop_db.idle == 0  # new and empty if it starts again
+
+
+async def test_a_handshake_reads_on_the_loops_connections(room, alice):
+    sock = await open_socket(alice)  # a bearer token nobody looked up before
+    assert sock.hello["conversations"] == [{"id": room.id, "last_seq": 0}]
+    assert get_node().loop_db.idle >= 1  # the thread path leaves none there
+    await sock.disconnect()
+
+
+async def test_the_handshake_reads_match_the_selectors(pg, room, alice, bob, carol):
+    direct, _ = await sync_to_async(services.direct_get_or_create)(user=alice, username="bob")
+    await apg.message_create(pg, sender=alice, conversation_id=room.id, body="x", client_id="q")
+    for user, expected in [
+        (alice, sorted([(room.id, 1), (direct.id, 0)])),
+        (bob, sorted([(room.id, 1), (direct.id, 0)])),
+        (carol, []),
+    ]:
+        assert await sync_to_async(selectors.conversation_ids_for_user)(user_id=user.id) == expected
+        assert await apg.conversation_ids_for_user(pg, user.id) == expected
+
+    token = await sync_to_async(token_create)(user=alice)
+    digest = token_digest(token)
+    token_id, used_at, user = await apg.token_by_digest(pg, digest)
+    t_id, t_used_at, t_user = await sync_to_async(account_selectors.token_by_digest)(digest=digest)
+    assert (token_id, used_at) == (t_id, t_used_at)
+    assert user == t_user == alice
+    assert [getattr(user, f.attname) for f in User._meta.concrete_fields] == [
+        getattr(t_user, f.attname) for f in User._meta.concrete_fields
+    ]
+    assert not user._state.adding and user._state.db == "default"
+    assert await apg.token_by_digest(pg, token_digest("nope")) is None
+    alice.is_active = False
+    await sync_to_async(alice.save)()
+    assert await apg.token_by_digest(pg, digest) is None

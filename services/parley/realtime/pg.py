@@ -1,18 +1,24 @@
-"""Sends committed from the event loop: the send statement on psycopg's async connection.
+"""The realtime process' own database connections, used from the event loop.
 
-Every other ORM call of the realtime process runs on the database threads
-(parley.realtime.db). A send did too, and its acknowledgement paid for it: a thread
-needs the GIL back after each libpq call, and while the event loop thread runs Python
-(fanning out the previous messages) it gets it only when the loop blocks or the
-interpreter's switch interval forces a hand-over. A probe on an idle machine put the
-statement at 2.7 ms through a thread and 1.8 ms on the loop (publish included); with the
-loop kept busy the thread path stalled for whole seconds (docs/benchmarks.md, session 13).
+Every ORM call of the realtime process ran on the database threads (parley.realtime.db),
+and the hot ones paid for it: a thread needs the GIL back after each libpq call, and
+while the event loop thread runs Python (fanning out messages, opening sockets) it gets
+it only when the loop blocks or the interpreter's switch interval forces a hand-over. A
+probe on an idle machine put the send statement at 2.7 ms through a thread and 1.8 ms on
+the loop (publish included); with the loop kept busy the thread path stalled for whole
+seconds (docs/benchmarks.md, session 13).
 
-So the common case, a new message, is one statement on one of a few autocommit
-connections that belong to the node's loop (`SendConnections`). Everything else the
-statement can answer (a client_id used before, not a member, a concurrent retry) goes to
-`services.message_create` on a thread, which runs it again and says which: the
-statement writes nothing in those cases, so running it twice changes nothing.
+So the statements of the two hot paths run here, on a few autocommit connections that
+belong to the node's loop (`LoopConnections`, REALTIME_ASYNC_DB_CONNECTIONS):
+
+- a send (`message_create`): the common case, a new message, is one statement. Anything
+  else it can answer (a client_id used before, not a member, a concurrent retry) goes to
+  `services.message_create` on a thread, which runs it again and says which: the
+  statement writes nothing in those cases, so running it twice changes nothing;
+- a handshake: the bearer token's user (`token_by_digest`) and the user's conversations
+  (`conversation_ids_for_user`), the same SQL as the selectors of those names.
+
+With no such connections configured (0), all of it runs on the threads as before.
 """
 
 from __future__ import annotations
@@ -24,8 +30,9 @@ import psycopg
 from django.db import DEFAULT_DB_ALIAS, connections
 from psycopg.pq import TransactionStatus
 
+from parley.accounts import selectors as account_selectors
 from parley.accounts.models import User
-from parley.chat import events, notifications, services
+from parley.chat import events, notifications, selectors, services
 from parley.chat.models import Message
 from parley.realtime.db import db, executor
 
@@ -54,8 +61,8 @@ def _session_setup(wrapper) -> list[tuple[str, list]]:
     return statements
 
 
-class SendConnections:
-    """Up to `size` autocommit connections of one event loop, for the send statement.
+class LoopConnections:
+    """Up to `size` autocommit connections of one event loop.
 
     Not psycopg_pool: its background tasks would outlive a test's event loop. A
     connection is made when none is idle and kept while it stays usable; one that failed
@@ -88,7 +95,14 @@ class SendConnections:
             raise
         return conn
 
-    async def fetchone(self, sql: str, params: dict, *, repeatable: bool) -> tuple | None:
+    async def fetchone(self, sql: str, params, *, repeatable: bool) -> tuple | None:
+        return await self._run(sql, params, repeatable, many=False)
+
+    async def fetchall(self, sql: str, params) -> list[tuple]:
+        """For reads (always safe to repeat)."""
+        return await self._run(sql, params, True, many=True)
+
+    async def _run(self, sql: str, params, repeatable: bool, *, many: bool):
         async with self._slots:
             for attempt in (1, 2):
                 conn = self._idle.pop() if self._idle else None
@@ -97,7 +111,7 @@ class SendConnections:
                     conn = await self._connect()
                 try:
                     cur = await conn.execute(sql, params)
-                    row = await cur.fetchone()
+                    result = await (cur.fetchall() if many else cur.fetchone())
                 except psycopg.OperationalError:
                     await conn.close()
                     if reused and repeatable and attempt == 1:
@@ -110,7 +124,7 @@ class SendConnections:
                     await conn.close()
                 else:
                     self._idle.append(conn)
-                return row
+                return result
         raise AssertionError("unreachable")
 
     @property
@@ -132,7 +146,7 @@ class SendConnections:
 
 
 async def message_create(
-    pg: SendConnections | None,
+    pg: LoopConnections | None,
     *,
     sender: User,
     conversation_id: int,
@@ -180,3 +194,21 @@ def _schedule_notifications(conversation_id: int) -> None:
 def _retrieve(future: asyncio.Future) -> None:
     if not future.cancelled():
         future.exception()
+
+
+async def conversation_ids_for_user(
+    pg: LoopConnections | None, user_id: int
+) -> list[tuple[int, int]]:
+    """selectors.conversation_ids_for_user: (conversation id, last_seq) of the user's."""
+    if pg is None:
+        return await db(selectors.conversation_ids_for_user)(user_id=user_id)
+    rows = await pg.fetchall(selectors.conversation_ids_sql(), [user_id])
+    return [(cid, last_seq) for cid, last_seq in rows]
+
+
+async def token_by_digest(pg: LoopConnections | None, digest: str):
+    """accounts.selectors.token_by_digest: (token id, last_used_at, user) or None."""
+    if pg is None:
+        return await db(account_selectors.token_by_digest)(digest=digest)
+    row = await pg.fetchone(account_selectors.token_sql(), [digest], repeatable=True)
+    return None if row is None else account_selectors.token_from_row(row)
