@@ -47,6 +47,18 @@ def send(client: Client, conversation_id: int, body: str, client_id: str | None 
     return client.post(url, {"body": body, "client_id": client_id})
 
 
+def member_pages(room) -> list[str]:
+    """The pages that need a login; a member of `room` can open each."""
+    return [
+        "/conversations/",
+        f"/c/{room.id}/",
+        "/rooms/",
+        "/rooms/new/",
+        "/direct/",
+        "/notifications/",
+    ]
+
+
 def bodies(conversation_id: int) -> list[str]:
     return list(
         Message.objects.filter(conversation_id=conversation_id)
@@ -101,14 +113,7 @@ def test_home_redirects_by_login_state(alice):
 
 def test_pages_need_login(room):
     client = Client()
-    for url in (
-        "/conversations/",
-        f"/c/{room.id}/",
-        "/rooms/",
-        "/rooms/new/",
-        "/direct/",
-        "/notifications/",
-    ):
+    for url in member_pages(room):
         response = client.get(url)
         assert response.status_code == 302, url
         assert response["Location"].startswith("/login/?next="), url
@@ -298,15 +303,7 @@ def test_pages_have_a_csp_and_no_inline_script_or_style(alice, bob, room):
     services.message_create(sender=alice, conversation_id=room.id, body="hello")
     Notification.objects.create(user=alice, conversation=room, first_seq=1, last_seq=1)
     client = client_for(alice)
-    urls = [
-        "/conversations/",
-        f"/c/{room.id}/",
-        "/rooms/",
-        "/rooms/new/",
-        "/direct/",
-        "/notifications/",
-    ]
-    for url in urls:
+    for url in member_pages(room):
         response = client.get(url)
         assert response.status_code == 200, url
         csp = response["Content-Security-Policy"]
