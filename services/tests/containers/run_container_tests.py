@@ -261,23 +261,31 @@ def build_standins(what: str) -> None:
     say(f"stand-ins ({what}) ready in {time.monotonic() - start:.0f}s")
 
 
-def build_image() -> None:
-    say(f"building {IMAGE}")
+def _build(image: str, check_name: str, **env: str) -> tuple[float, int, int]:
+    """Builds `image` with deploy/docker/build-image.sh (`env` picks the tag and target),
+    as the check `check_name`, which the following steps depend on. Returns the seconds
+    it took, its size and the base image's size (bytes)."""
+    say(f"building {image}")
     start = time.monotonic()
     log = run(
         DOCKER_DIR / "build-image.sh",
         "--pull=never",
         check_rc=False,
         timeout=1800,
-        env={**os.environ, "PARLEY_IMAGE": IMAGE, "CONTAINER_ENGINE": "podman"},
+        env={**os.environ, **env, "CONTAINER_ENGINE": "podman"},
     )
     took = time.monotonic() - start
     if log.returncode != 0:
         print(log.stdout[-6000:], log.stderr[-6000:], sep="\n")
-    require("the image builds", log.returncode == 0, f"{took:.0f}s")
-    measurements["build time"] = f"{took:.0f} s"
-    size = int(podman("image", "inspect", "--format", "{{.Size}}", IMAGE).stdout.strip())
+    require(check_name, log.returncode == 0, f"{took:.0f}s")
+    size = int(podman("image", "inspect", "--format", "{{.Size}}", image).stdout.strip())
     base = int(podman("image", "inspect", "--format", "{{.Size}}", BASE_IMAGE).stdout.strip())
+    return took, size, base
+
+
+def build_image() -> None:
+    took, size, base = _build(IMAGE, "the image builds", PARLEY_IMAGE=IMAGE)
+    measurements["build time"] = f"{took:.0f} s"
     measurements["image size"] = (
         f"{size / 1e6:.0f} MB ({(size - base) / 1e6:.0f} MB above the base)"
     )
@@ -328,26 +336,12 @@ def check_image() -> None:
 
 
 def build_loadtest_image() -> None:
-    say(f"building {LOADTEST_IMAGE}")
-    start = time.monotonic()
-    log = run(
-        DOCKER_DIR / "build-image.sh",
-        "--pull=never",
-        check_rc=False,
-        timeout=1800,
-        env={
-            **os.environ,
-            "PARLEY_TARGET": "loadtest",
-            "PARLEY_LOADTEST_IMAGE": LOADTEST_IMAGE,
-            "CONTAINER_ENGINE": "podman",
-        },
+    took, size, base = _build(
+        LOADTEST_IMAGE,
+        "the load-test image builds (--target loadtest)",
+        PARLEY_TARGET="loadtest",
+        PARLEY_LOADTEST_IMAGE=LOADTEST_IMAGE,
     )
-    took = time.monotonic() - start
-    if log.returncode != 0:
-        print(log.stdout[-6000:], log.stderr[-6000:], sep="\n")
-    require("the load-test image builds (--target loadtest)", log.returncode == 0, f"{took:.0f}s")
-    size = int(podman("image", "inspect", "--format", "{{.Size}}", LOADTEST_IMAGE).stdout.strip())
-    base = int(podman("image", "inspect", "--format", "{{.Size}}", BASE_IMAGE).stdout.strip())
     measurements["load-test image"] = (
         f"{size / 1e6:.0f} MB ({(size - base) / 1e6:.0f} MB above the base), built in {took:.0f} s"
     )
