@@ -24,6 +24,7 @@ from aiosmtpd.controller import Controller
 
 from parley.cli import celery_argv
 from parley.embedded import free_port
+from tests.realtime.cluster import Proc
 
 REPO = Path(__file__).resolve().parents[3]
 REDIS_SERVER = "/usr/bin/redis-server"
@@ -161,55 +162,36 @@ class Worker:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-class Realtime:
+class Realtime(Proc):
     """`parley realtime` (the SPEC's command) on a free port, for end-to-end tests."""
 
     def __init__(self, env: dict[str, str]) -> None:
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="parley-realtime-"))
-        self._log = open(self.dir / "realtime.log", "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [
-                str(Path(sys.executable).with_name("parley")),
-                "realtime",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-            ],
-            env={**os.environ, **env, "PYTHONPATH": str(REPO / "services")},
-            cwd=REPO,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        argv = [
+            str(Path(sys.executable).with_name("parley")),
+            "realtime",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+        ]
+        env = {**os.environ, **env, "PYTHONPATH": str(REPO / "services")}
+        super().__init__("realtime", argv, env, self.dir)
 
     @property
     def ws_url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/ws/chat/"
 
     def wait_ready(self, timeout: float = 60) -> Realtime:
-        def ready():
-            if self.proc.poll() is not None:
-                log = (self.dir / "realtime.log").read_text(errors="replace")
-                raise AssertionError(f"realtime exited:\n{log[-4000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=2):
-                    return True
-            except OSError:
-                return False
-
-        wait_for(ready, timeout=timeout, interval=0.2, what="realtime ready")
+        self.wait_http_ok(f"http://127.0.0.1:{self.port}/healthz", timeout)
         return self
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout=20)
+        super().stop(timeout=20)
+        # Anything left in its session.
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self._log.close()
+            os.killpg(self.pid, signal.SIGKILL)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
