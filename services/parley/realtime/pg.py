@@ -28,6 +28,7 @@ import logging
 
 import psycopg
 from django.db import DEFAULT_DB_ALIAS, connections
+from psycopg import sql as psql
 from psycopg.pq import TransactionStatus
 
 from parley.accounts import selectors as account_selectors
@@ -57,7 +58,9 @@ def _session_setup(wrapper) -> list[tuple[str, list]]:
         statements.append((wrapper.ops.set_time_zone_sql(), [wrapper.timezone_name]))
     role = wrapper.settings_dict["OPTIONS"].get("assume_role")
     if role:
-        statements.append(("SET ROLE %s", [role]))
+        # A utility statement takes no bound parameter: the name goes in as a literal,
+        # as Django's compose_sql does.
+        statements.append((psql.SQL("SET ROLE {}").format(psql.Literal(role)), []))
     return statements
 
 

@@ -189,3 +189,25 @@ async def test_the_handshake_reads_match_the_selectors(pg, room, alice, bob, car
     alice.is_active = False
     await sync_to_async(alice.save)()
     assert await apg.token_by_digest(pg, digest) is None
+
+
+async def test_connections_are_set_up_as_djangos_time_zone_and_role(monkeypatch):
+    @sync_to_async
+    def make_role():
+        with connection.cursor() as cur:
+            cur.execute(
+                "DO $$ BEGIN CREATE ROLE parley_test_assumed; "
+                "EXCEPTION WHEN duplicate_object THEN NULL; END $$"
+            )
+
+    await make_role()
+    options = connection.settings_dict["OPTIONS"]
+    monkeypatch.setitem(options, "assume_role", "parley_test_assumed")
+    conns = apg.LoopConnections(1)
+    try:
+        row = await conns.fetchone(
+            "SELECT current_user, current_setting('TimeZone')", [], repeatable=True
+        )
+    finally:
+        await conns.close()
+    assert row == ("parley_test_assumed", "UTC")
