@@ -13,6 +13,7 @@ from django.conf import settings
 
 from parley.knobs import knob_float as _float
 from parley.knobs import knob_int as _int
+from parley.knobs import knob_str as _str
 
 
 def node_id() -> str:
@@ -70,6 +71,16 @@ MAX_QUEUED_SENDS = _int("REALTIME_MAX_QUEUED_SENDS", 32)
 # through the threads like every other ORM call.
 def async_db_connections() -> int:
     return max(0, _int("REALTIME_ASYNC_DB_CONNECTIONS", 4))
+
+
+# Those connections prepare a statement once it ran this many times (psycopg's
+# prepare_threshold): Postgres then neither parses nor plans the send statement again,
+# which halves its CPU per message (docs/benchmarks.md, session 13). "off" behind a
+# transaction-mode pooler without prepared-statement support (PgBouncer before 1.21).
+# Django's own connections keep its default (never).
+def async_db_prepare_threshold() -> int | None:
+    raw = _str("REALTIME_ASYNC_DB_PREPARE_THRESHOLD", "1").strip().lower()
+    return None if raw in ("off", "none", "never") else max(0, int(raw))
 
 
 # Events queued for a socket whose client does not read before it is closed with 1013.

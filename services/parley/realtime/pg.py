@@ -35,6 +35,7 @@ from parley.accounts import selectors as account_selectors
 from parley.accounts.models import User
 from parley.chat import events, notifications, selectors, services
 from parley.chat.models import Message
+from parley.realtime import conf
 from parley.realtime.db import db, executor
 
 logger = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ class LoopConnections:
             self._setup = await db(read)()
         params, setup = self._setup
         conn = await psycopg.AsyncConnection.connect(**params, autocommit=True)
+        conn.prepare_threshold = conf.async_db_prepare_threshold()
         try:
             for sql, args in setup:
                 await conn.execute(sql, args)

@@ -211,3 +211,26 @@ async def test_connections_are_set_up_as_djangos_time_zone_and_role(monkeypatch)
     finally:
         await conns.close()
     assert row == ("parley_test_assumed", "UTC")
+
+
+@pytest.mark.parametrize(("threshold", "prepared"), [("1", True), ("off", False)])
+async def test_hot_statements_are_prepared_unless_turned_off(
+    room, alice, monkeypatch, threshold, prepared
+):
+    """Prepared, Postgres neither parses nor plans the send statement again (half its
+    CPU); behind an old transaction-mode pooler that must be off."""
+    monkeypatch.setenv("REALTIME_ASYNC_DB_PREPARE_THRESHOLD", threshold)
+    conns = apg.LoopConnections(1)  # one connection: every statement below runs on it
+    try:
+        for n in range(3):
+            await apg.message_create(
+                conns, sender=alice, conversation_id=room.id, body=f"m{n}", client_id=f"p{n}"
+            )
+        rows = await conns.fetchall(
+            "SELECT statement FROM pg_prepared_statements WHERE statement LIKE %s",
+            ["%INSERT INTO%"],
+        )
+    finally:
+        await conns.close()
+    assert (len(rows) == 1) is prepared
+    assert [m.seq for m in await stored(room.id)] == [1, 2, 3]
