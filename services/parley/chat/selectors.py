@@ -107,7 +107,8 @@ def conversation_ids_sql() -> str:
 
 @dataclass(frozen=True)
 class MessagePage:
-    messages: list[Message]
+    # Message instances, or with as_json=True the API's message objects (dicts).
+    messages: list
     has_older: bool
     has_newer: bool
     direction: str  # "newer" when paging forward with `after`, else "older"
@@ -132,11 +133,15 @@ def message_page(
     after: object = None,
     before: object = None,
     limit: object = None,
+    as_json: bool = False,
 ) -> MessagePage:
     """A page of history, ascending by seq.
 
     `after`: the `limit` messages just after it; `before`: the `limit` just before it;
     neither: the newest `limit`. Each is one range scan of the (conversation, seq) index.
+    With `as_json` the messages are the API's message objects (`events.message_json`),
+    read with one raw query: the JSON API's hot path, where building 50 Messages and 50
+    Users cost more than Postgres answering (docs/benchmarks.md, session 13).
     """
     after_seq = _seq_arg("after", after)
     before_seq = _seq_arg("before", before)
@@ -149,24 +154,94 @@ def message_page(
             raise BadRequest("limit must be an integer.") from None
         if not 1 <= n <= PAGE_MAX:
             raise BadRequest(f"limit must be between 1 and {PAGE_MAX}.")
-    membership = membership_get(user=user, conversation_id=conversation_id)
-    last_seq = membership.conversation.last_seq
-    qs = Message.objects.filter(conversation_id=conversation_id).select_related("sender")
-    if before_seq is not None:
-        qs = qs.filter(seq__lt=before_seq)
+    last_seq = _member_last_seq(user_id=user.id, conversation_id=conversation_id)
+    fetch = _page_json if as_json else _page_models
+    seq_of = _json_seq if as_json else _model_seq
     if after_seq is not None:
-        qs = qs.filter(seq__gt=after_seq)
-        rows = list(qs.order_by("seq")[: n + 1])
+        rows = fetch(conversation_id, after=after_seq, before=before_seq, n=n + 1, newest=False)
         has_newer = len(rows) > n
         rows = rows[:n]
-        has_older = (bool(rows) and rows[0].seq > 1) or (not rows and after_seq > 0)
+        has_older = (bool(rows) and seq_of(rows[0]) > 1) or (not rows and after_seq > 0)
         return MessagePage(rows, has_older=has_older, has_newer=has_newer, direction="newer")
-    rows = list(qs.order_by("-seq")[: n + 1])
+    rows = fetch(conversation_id, after=None, before=before_seq, n=n + 1, newest=True)
     has_older = len(rows) > n
     rows = rows[:n][::-1]
-    newest_shown = rows[-1].seq if rows else (before_seq - 1 if before_seq else last_seq)
+    newest_shown = seq_of(rows[-1]) if rows else (before_seq - 1 if before_seq else last_seq)
     has_newer = newest_shown < last_seq
     return MessagePage(rows, has_older=has_older, has_newer=has_newer, direction="older")
+
+
+def _json_seq(message: dict) -> int:
+    return message["seq"]
+
+
+def _model_seq(message: Message) -> int:
+    return message.seq
+
+
+def _member_last_seq(*, user_id: int, conversation_id: int) -> int:
+    """The conversation's last_seq if the user is a member, else NotFound (as
+    membership_get, without building the Membership and Conversation)."""
+    with connection.cursor() as cur:
+        cur.execute(_member_last_seq_sql(), [user_id, conversation_id])
+        row = cur.fetchone()
+    if row is None:
+        raise NotFound("No such conversation, or you are not a member.")
+    return row[0]
+
+
+@functools.cache
+def _member_last_seq_sql() -> str:
+    return (
+        f"SELECT c.last_seq FROM {_table(Membership)} m "  # noqa: S608
+        f"JOIN {_table(Conversation)} c ON c.id = m.conversation_id "
+        "WHERE m.user_id = %s AND m.conversation_id = %s"
+    )
+
+
+def _page_models(conversation_id, *, after, before, n, newest) -> list[Message]:
+    qs = Message.objects.filter(conversation_id=conversation_id).select_related("sender")
+    if before is not None:
+        qs = qs.filter(seq__lt=before)
+    if after is not None:
+        qs = qs.filter(seq__gt=after)
+    return list(qs.order_by("-seq" if newest else "seq")[:n])
+
+
+_PAGE_COLUMNS = "m.id, m.seq, u.id, u.username, u.display_name, m.body, m.client_id, m.created_at"
+
+
+@functools.cache
+def _page_sql(*, before: bool, after: bool, newest: bool) -> str:
+    where = " AND ".join(
+        ["m.conversation_id = %s"] + ["m.seq < %s"] * before + ["m.seq > %s"] * after
+    )
+    return (
+        f"SELECT {_PAGE_COLUMNS} FROM {_table(Message)} m "  # noqa: S608 - names are ours
+        f"JOIN {_table(User)} u ON u.id = m.sender_id WHERE {where} "
+        f"ORDER BY m.seq {'DESC' if newest else 'ASC'} LIMIT %s"
+    )
+
+
+def _page_json(conversation_id, *, after, before, n, newest) -> list[dict]:
+    sql = _page_sql(before=before is not None, after=after is not None, newest=newest)
+    params = [conversation_id] + [s for s in (before, after) if s is not None] + [n]
+    with connection.cursor() as cur:
+        cur.execute(sql, params)
+        rows = cur.fetchall()
+    iso = events.iso
+    return [
+        {
+            "id": mid,
+            "conversation": conversation_id,
+            "seq": seq,
+            "sender": {"id": uid, "username": username, "display_name": display_name},
+            "body": body,
+            "client_id": client_id,
+            "created_at": iso(created_at),
+        }
+        for mid, seq, uid, username, display_name, body, client_id, created_at in rows
+    ]
 
 
 def messages_after(*, conversation_id: int, after: int, limit: int) -> list[Message]:

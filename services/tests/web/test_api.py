@@ -332,6 +332,29 @@ def test_history_limit_200_is_allowed(alice, history, api_for):
     assert seqs(resp) == list(range(1, 121))
 
 
+def test_history_pages_are_the_orm_messages_in_the_api_schema(alice, bob, history, api_for):
+    """The API reads pages with one raw query and writes them without validating them
+    again: same objects as the ORM's messages through events.message_json, in the
+    schema the OpenAPI document promises, for every paging shape."""
+    from parley.chat import events, selectors
+    from parley.web.api import MessagePageOut
+
+    services.room_join(user=bob, slug=history.slug)
+    services.message_create(sender=bob, conversation_id=history.id, body="é ✓", client_id="b-1")
+    url = f"/api/v1/conversations/{history.id}/messages"
+    for params in ({}, {"before": 60}, {"after": 100}, {"after": 10, "before": 20}, {"limit": 3}):
+        resp = api_for(alice).get(url, params)
+        assert resp.status_code == 200
+        body = resp.json()
+        assert MessagePageOut.model_validate(body).model_dump(mode="json") == body
+        orm = selectors.message_page(user=alice, conversation_id=history.id, **params)
+        assert body["messages"] == [events.message_json(m) for m in orm.messages], params
+    newest = api_for(alice).get(url, {"limit": 1}).json()["messages"][0]
+    assert newest["sender"] == {"id": bob.id, "username": "bob", "display_name": "Bob B."}
+    assert (newest["body"], newest["client_id"]) == ("é ✓", "b-1")
+    assert newest["created_at"].endswith("Z")
+
+
 # --- receipts, unread, mute, members, notifications ------------------------------------------
 
 
