@@ -256,6 +256,11 @@ class Node:
     async def _probe_receiver(self, group: str) -> None:
         channel = await self.layer.new_channel()
         await self.layer.group_add(group, channel)
+        if asyncio.current_task().cancelling():
+            # Cancelled while subscribing, and the cancellation did not reach us: redis-py
+            # can swallow it while it opens the pub/sub connection (the node's first
+            # SUBSCRIBE). Waiting in receive() now would hold the loop's shutdown forever.
+            raise asyncio.CancelledError
         self.hook_layer()
         while True:
             try:
