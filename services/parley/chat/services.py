@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, IntegrityError, connection, transaction
 from django.utils import timezone
@@ -143,7 +145,14 @@ LEFT JOIN existing AS e ON TRUE
 """
 
 
-_insert_sql: str | None = None
+@functools.cache
+def _message_insert_sql() -> str:
+    qn = connection.ops.quote_name  # table names only: no database access
+    return (
+        _MESSAGE_INSERT_SQL.replace("$msg", qn(Message._meta.db_table))
+        .replace("$conv", qn(Conversation._meta.db_table))
+        .replace("$mem", qn(Membership._meta.db_table))
+    )
 
 
 def message_insert_statement(
@@ -152,14 +161,6 @@ def message_insert_statement(
     """The one statement of a send, and its parameters (pyformat, for any psycopg cursor).
 
     Run outside a transaction it commits by itself. Its row goes to `message_from_row`."""
-    global _insert_sql
-    if _insert_sql is None:
-        qn = connection.ops.quote_name  # table names only: no database access
-        _insert_sql = (
-            _MESSAGE_INSERT_SQL.replace("$msg", qn(Message._meta.db_table))
-            .replace("$conv", qn(Conversation._meta.db_table))
-            .replace("$mem", qn(Membership._meta.db_table))
-        )
     params = {
         "sender": sender.id,
         "conversation": conversation_id,
@@ -167,7 +168,7 @@ def message_insert_statement(
         "client_id": client_id,
         "now": timezone.now(),
     }
-    return _insert_sql, params
+    return _message_insert_sql(), params
 
 
 def message_from_row(

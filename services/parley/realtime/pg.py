@@ -182,23 +182,18 @@ async def message_create(
         events.conversation_group(conversation_id), events.message_event(message, sender)
     )
     if not notifications.pass_pending(conversation_id):
-        future = asyncio.get_running_loop().run_in_executor(
+        asyncio.get_running_loop().run_in_executor(
             executor(), _schedule_notifications, conversation_id
         )
-        future.add_done_callback(_retrieve)
     return message, True
 
 
 def _schedule_notifications(conversation_id: int) -> None:
+    # Never raises, so nobody needs to retrieve its future's exception.
     try:
         notifications.conversation_changed(conversation_id=conversation_id)
     except Exception as exc:  # best effort, as on_commit(robust=True) in the thread path
         logger.warning("notification pass not scheduled: %r", exc)
-
-
-def _retrieve(future: asyncio.Future) -> None:
-    if not future.cancelled():
-        future.exception()
 
 
 async def conversation_ids_for_user(
