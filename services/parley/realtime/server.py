@@ -36,16 +36,23 @@ def _uvicorn_server_class():
             drain_seconds: float,
             grace_seconds: float,
             exit_wait_seconds: float = 3.0,
+            gc_thresholds: tuple[int, ...] | None = None,
         ) -> None:
             super().__init__(config)
             self.drain_seconds = drain_seconds
             self.grace_seconds = grace_seconds
             self.exit_wait_seconds = exit_wait_seconds
+            self.gc_thresholds = gc_thresholds
             self._loop: asyncio.AbstractEventLoop | None = None
             self._drain_task: asyncio.Task | None = None
 
         async def serve(self, sockets=None) -> None:
             self._loop = asyncio.get_running_loop()
+            if not self.config.loaded:
+                self.config.load()  # imports the application, whose heap is then frozen
+            from parley.realtime import gctune
+
+            gctune.tune(self.gc_thresholds)
             await super().serve(sockets=sockets)
             # Drained and shut down. What is left is asyncio.run's cleanup and the
             # interpreter's exit, and both wait for every thread: one blocked in a Redis
@@ -184,8 +191,9 @@ def serve(
     import uvicorn
     from django.conf import settings
 
-    from parley.realtime import conf
+    from parley.realtime import conf, gctune
 
+    gc_thresholds = gctune.thresholds()  # a bad value stops here, before serving
     config = uvicorn.Config(
         "parley.config.asgi:application",
         host=host,
@@ -215,6 +223,7 @@ def serve(
         drain_seconds=conf.DRAIN_SECONDS if drain_seconds is None else drain_seconds,
         grace_seconds=conf.GRACE_SECONDS if grace_seconds is None else grace_seconds,
         exit_wait_seconds=conf.EXIT_WAIT_SECONDS,
+        gc_thresholds=gc_thresholds,
     )
     logger.info("realtime node %s listening on %s:%s", conf.node_id(), host, port)
     server.run()
