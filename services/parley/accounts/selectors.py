@@ -38,13 +38,24 @@ def _user_fields() -> list[str]:
 @functools.cache
 def token_sql() -> str:
     """The token lookup: one parameter, the digest (pyformat, for any psycopg cursor)."""
+    return _token_query("", "t.digest = %s")
+
+
+@functools.cache
+def tokens_sql() -> str:
+    """The lookup of several tokens at once: one parameter, a list of digests. Each row
+    is the digest followed by a row of `token_sql()`."""
+    return _token_query("t.digest, ", "t.digest = ANY(%s::text[])")
+
+
+def _token_query(first: str, where: str) -> str:
     qn = connection.ops.quote_name
     columns = ", ".join(f"u.{qn(f.column)}" for f in User._meta.concrete_fields)
     return (
-        f"SELECT t.id, t.last_used_at, {columns} "  # noqa: S608 - names are ours
+        f"SELECT {first}t.id, t.last_used_at, {columns} "  # noqa: S608 - names are ours
         f"FROM {qn(ApiToken._meta.db_table)} t JOIN {qn(User._meta.db_table)} u "
         f"ON u.{qn(User._meta.pk.column)} = t.user_id "
-        "WHERE t.digest = %s AND u.is_active"
+        f"WHERE {where} AND u.is_active"
     )
 
 

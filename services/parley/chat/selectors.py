@@ -96,6 +96,17 @@ def conversation_ids_for_user(*, user_id: int) -> list[tuple[int, int]]:
 
 
 @functools.cache
+def conversation_ids_many_sql() -> str:
+    """`conversation_ids_sql` for several users at once: one parameter, a list of user
+    ids; rows (user id, conversation id, last_seq) ordered by user, then conversation."""
+    return (
+        f"SELECT m.user_id, m.conversation_id, c.last_seq FROM {_table(Membership)} m "  # noqa: S608
+        f"JOIN {_table(Conversation)} c ON c.id = m.conversation_id "
+        "WHERE m.user_id = ANY(%s::bigint[]) ORDER BY m.user_id, m.conversation_id"
+    )
+
+
+@functools.cache
 def conversation_ids_sql() -> str:
     """`conversation_ids_for_user`'s query: one parameter, the user id."""
     return (

@@ -16,7 +16,9 @@ belong to the node's loop (`LoopConnections`, REALTIME_ASYNC_DB_CONNECTIONS):
   `services.message_create` on a thread, which runs it again and says which: the
   statement writes nothing in those cases, so running it twice changes nothing;
 - a handshake: the bearer token's user (`token_by_digest`) and the user's conversations
-  (`conversation_ids_for_user`), the same SQL as the selectors of those names.
+  (`conversation_ids_for_user`), the same SQL as the selectors of those names, read for
+  every handshake waiting at that moment in one statement (`BatchRead`): in a connection
+  storm one statement answers dozens of sockets.
 
 With no such connections configured (0), all of it runs on the threads as before.
 """
@@ -24,6 +26,7 @@ With no such connections configured (0), all of it runs on the threads as before
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 
 import psycopg
@@ -65,6 +68,56 @@ def _session_setup(wrapper) -> list[tuple[str, list]]:
     return statements
 
 
+class BatchRead:
+    """Reads of one kind, keyed, that go to Postgres together: every key asked for while
+    a read is in flight (or in the same turn of the loop) is read by the next one, in one
+    statement. A quiet replica reads each key at once; one opening hundreds of sockets a
+    second reads them in a few statements instead of one each (psycopg's per-statement
+    work was about a fifth of a replica's CPU in a connection storm; docs/benchmarks.md,
+    session 14). `fetch_many(keys)` returns {key: value}; a key it leaves out gets
+    `missing`. An error fails every waiter of that read, not later ones."""
+
+    def __init__(self, fetch_many, *, missing=None, max_keys: int = 500) -> None:
+        self._fetch_many = fetch_many
+        self._missing = missing
+        self._max_keys = max_keys
+        self._pending: dict[object, list[asyncio.Future]] = {}
+        self._reader: asyncio.Task | None = None
+
+    async def get(self, key):
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._pending.setdefault(key, []).append(fut)
+        if self._reader is None or self._reader.done():
+            self._reader = loop.create_task(self._read())
+        return await fut
+
+    async def _read(self) -> None:
+        while self._pending:
+            keys = list(itertools.islice(self._pending, self._max_keys))
+            batch = {key: self._pending.pop(key) for key in keys}
+            try:
+                found = await self._fetch_many(keys)
+            except asyncio.CancelledError:
+                # The loop is going away: so are the handshakes that wait.
+                for waiters in (*batch.values(), *self._pending.values()):
+                    for fut in waiters:
+                        fut.cancel()
+                self._pending.clear()
+                raise
+            except Exception as exc:
+                for waiters in batch.values():
+                    for fut in waiters:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                continue
+            for key, waiters in batch.items():
+                value = found.get(key, self._missing)
+                for fut in waiters:
+                    if not fut.done():
+                        fut.set_result(value)
+
+
 class LoopConnections:
     """Up to `size` autocommit connections of one event loop.
 
@@ -80,6 +133,19 @@ class LoopConnections:
         self._idle: list[psycopg.AsyncConnection] = []
         self._setup: tuple[dict, list] | None = None
         self._closed = False
+        self.tokens = BatchRead(self._tokens)
+        self.conversations = BatchRead(self._conversations, missing=())
+
+    async def _tokens(self, digests: list[str]) -> dict:
+        rows = await self.fetchall(account_selectors.tokens_sql(), [digests])
+        return {row[0]: account_selectors.token_from_row(row[1:]) for row in rows}
+
+    async def _conversations(self, user_ids: list[int]) -> dict:
+        rows = await self.fetchall(selectors.conversation_ids_many_sql(), [user_ids])
+        found: dict[int, list[tuple[int, int]]] = {}
+        for user_id, cid, last_seq in rows:
+            found.setdefault(user_id, []).append((cid, last_seq))
+        return found
 
     async def _connect(self) -> psycopg.AsyncConnection:
         if self._setup is None:
@@ -202,13 +268,11 @@ async def conversation_ids_for_user(
     """selectors.conversation_ids_for_user: (conversation id, last_seq) of the user's."""
     if pg is None:
         return await db(selectors.conversation_ids_for_user)(user_id=user_id)
-    rows = await pg.fetchall(selectors.conversation_ids_sql(), [user_id])
-    return [(cid, last_seq) for cid, last_seq in rows]
+    return list(await pg.conversations.get(user_id))
 
 
 async def token_by_digest(pg: LoopConnections | None, digest: str):
     """accounts.selectors.token_by_digest: (token id, last_used_at, user) or None."""
     if pg is None:
         return await db(account_selectors.token_by_digest)(digest=digest)
-    row = await pg.fetchone(account_selectors.token_sql(), [digest], repeatable=True)
-    return None if row is None else account_selectors.token_from_row(row)
+    return await pg.tokens.get(digest)

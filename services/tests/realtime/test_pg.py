@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import psycopg
@@ -234,3 +235,106 @@ async def test_hot_statements_are_prepared_unless_turned_off(
         await conns.close()
     assert (len(rows) == 1) is prepared
     assert [m.seq for m in await stored(room.id)] == [1, 2, 3]
+
+
+async def test_concurrent_handshake_reads_go_out_as_one_statement_each(
+    pg, room, alice, bob, carol, monkeypatch
+):
+    """Sockets opening together: their token lookups are one statement, their
+    conversation reads another, and each gets its own answer (the selectors')."""
+    direct, _ = await sync_to_async(services.direct_get_or_create)(user=alice, username="bob")
+    users = [alice, bob, carol]
+    tokens = [await sync_to_async(token_create)(user=u) for u in users]
+    statements = []
+    fetchall = pg.fetchall
+
+    async def counted(sql, params):
+        statements.append(sql)
+        return await fetchall(sql, params)
+
+    monkeypatch.setattr(pg, "fetchall", counted)
+    digests = [token_digest(t) for t in tokens] + [
+        token_digest("nobody's"),
+        token_digest(tokens[0]),
+    ]
+    found = await asyncio.gather(*(apg.token_by_digest(pg, d) for d in digests))
+    assert statements == [account_selectors.tokens_sql()]
+    assert [f[2] if f else None for f in found] == [*users, None, alice]
+    assert found[4] is found[0]  # the same token twice: read once, both answered
+    for (token_id, used_at, user), digest in zip(found[:3], digests[:3], strict=True):
+        expected = await sync_to_async(account_selectors.token_by_digest)(digest=digest)
+        assert (token_id, used_at) == expected[:2]
+        assert [getattr(user, f.attname) for f in User._meta.concrete_fields] == [
+            getattr(expected[2], f.attname) for f in User._meta.concrete_fields
+        ]
+
+    statements.clear()
+    ids = [u.id for u in users] + [alice.id]
+    got = await asyncio.gather(*(apg.conversation_ids_for_user(pg, uid) for uid in ids))
+    assert statements == [selectors.conversation_ids_many_sql()]
+    expected = [
+        await sync_to_async(selectors.conversation_ids_for_user)(user_id=uid) for uid in ids
+    ]
+    assert got == expected
+    assert got[0] == sorted([(room.id, 0), (direct.id, 0)]) and got[2] == []
+    got[0].append("mine")  # each caller owns its list
+    assert got[3] == expected[3]
+
+
+async def test_a_read_asked_for_while_one_is_in_flight_goes_in_the_next():
+    started, release = asyncio.Event(), asyncio.Event()
+    batches = []
+
+    async def fetch_many(keys):
+        batches.append(sorted(keys))
+        if len(batches) == 1:
+            started.set()
+            await release.wait()
+        return {k: k * 10 for k in keys if k != 4}
+
+    reads = apg.BatchRead(fetch_many, missing="none")
+    first = asyncio.gather(reads.get(1), reads.get(2))
+    await started.wait()
+    later = asyncio.gather(reads.get(3), reads.get(4), reads.get(3))
+    await asyncio.sleep(0.01)
+    assert batches == [[1, 2]]  # the later ones wait for the read in flight
+    release.set()
+    assert await first == [10, 20]
+    assert await later == [30, "none", 30]
+    assert batches == [[1, 2], [3, 4]]
+
+
+async def test_a_failed_read_fails_its_waiters_only_and_a_cancelled_waiter_is_skipped():
+    calls = []
+    gate = asyncio.Event()
+
+    async def fetch_many(keys):
+        calls.append(sorted(keys))
+        if len(calls) == 1:
+            raise psycopg.OperationalError("the server closed the connection")
+        await gate.wait()
+        return {k: str(k) for k in keys}
+
+    reads = apg.BatchRead(fetch_many)
+    with pytest.raises(psycopg.OperationalError):
+        await asyncio.gather(reads.get(1), reads.get(2))
+    gone = asyncio.ensure_future(reads.get(3))
+    kept = asyncio.ensure_future(reads.get(4))
+    await asyncio.sleep(0.01)
+    gone.cancel()  # its socket went away during the handshake
+    gate.set()
+    assert await kept == "4"
+    assert gone.cancelled()
+    assert calls == [[1, 2], [3, 4]]
+
+
+async def test_reads_are_split_at_the_batch_limit():
+    batches = []
+
+    async def fetch_many(keys):
+        batches.append(len(keys))
+        return {k: k for k in keys}
+
+    reads = apg.BatchRead(fetch_many, max_keys=3)
+    assert await asyncio.gather(*(reads.get(k) for k in range(7))) == list(range(7))
+    assert batches == [3, 3, 1]
