@@ -178,27 +178,33 @@ class Node:
 
     # --- slow sockets ----------------------------------------------------------------------
 
-    def backlog(self, consumer: ChatConsumer) -> int:
-        """Events waiting in a socket's channel-layer queue (0 if the layer hides it)."""
+    def _queues(self) -> dict:
+        """channel name -> its queue in the channel layer ({} if the layer hides them)."""
         try:
             get_layer = getattr(self.layer, "_get_layer", None)
-            if get_layer is not None:  # pub/sub layer: one asyncio.Queue per channel
-                queue = get_layer().channels.get(consumer.channel_name)
-            else:  # core layer
-                queue = self.layer.receive_buffer.get(consumer.channel_name)
-            return queue.qsize() if queue is not None else 0
+            if get_layer is not None:  # pub/sub layer: one queue per channel
+                return get_layer().channels
+            return self.layer.receive_buffer  # core layer
         except (AttributeError, RuntimeError):
-            return 0
+            return {}
+
+    def backlog(self, consumer: ChatConsumer) -> int:
+        """Events waiting in a socket's channel-layer queue."""
+        queue = self._queues().get(consumer.channel_name)
+        return queue.qsize() if queue is not None else 0
 
     async def _laggard_loop(self) -> None:
         """A client that stops reading blocks its consumer on the socket while events
         keep queueing for it in memory. Past SLOW_SOCKET_BACKLOG, the socket leaves its
         groups (the queue stops growing) and is closed with 1013: the client reconnects
-        and resumes from Postgres."""
+        and resumes from Postgres. Once a second over every socket of the node: the
+        layer's queues are looked up once per pass, not once per socket."""
         while True:
             await asyncio.sleep(1.0)
+            queues, limit = self._queues(), conf.SLOW_SOCKET_BACKLOG
             for consumer in list(self.sockets):
-                if not consumer.closing and self.backlog(consumer) > conf.SLOW_SOCKET_BACKLOG:
+                queue = queues.get(consumer.channel_name)
+                if queue is not None and queue.qsize() > limit and not consumer.closing:
                     logger.warning("socket of user %s fell behind: closing it", consumer.user_id)
                     consumer.shed()
 
