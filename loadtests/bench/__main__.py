@@ -631,6 +631,32 @@ async def measure(
         )
         await gen.close_all(idle)
         await asyncio.sleep(1)
+        closed_at = time.monotonic()
+
+        # 1b. The same users again over every replica, as after a deploy: what the
+        # deployment, not one replica, opens per second. After the replicas' token
+        # caches forgot them (a replica that just started has nothing cached either).
+        if len(urls) > 1:
+            cached = float(topo.env.get("REALTIME_TOKEN_CACHE_SECONDS") or 5.0)  # its default
+            if cached > 0:
+                await asyncio.sleep(max(0.0, cached + 1 - (time.monotonic() - closed_at)))
+            spread = [
+                g.Client(gen, u.id, u.token, urls[j % len(urls)])
+                for j, u in enumerate(seeded["idle"])
+            ]
+            cpu0, t0 = await asyncio.to_thread(meter.cpu), time.monotonic()
+            storm = await gen.open_all(spread, concurrency=200, timeout=120)
+            cpu1 = await asyncio.to_thread(meter.cpu)
+            storm["cores"] = Meter.cores(cpu0, cpu1, time.monotonic() - t0)
+            storm["replicas"] = len(urls)
+            out["storm"] = storm
+            say(
+                f"  storm over {len(urls)} replicas: {storm['opened']}/{storm['sockets']} "
+                f"opened at {storm['per_second']}/s, failed {storm['failed']}; "
+                f"cores {storm['cores']}"
+            )
+            await gen.close_all(spread)
+            await asyncio.sleep(1)
 
     # 2. Rooms of M members over both replicas.
     rooms = []

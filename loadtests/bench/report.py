@@ -37,6 +37,7 @@ def headline(cfg: dict) -> dict:
         "ack_p50_at": (at200["rate"], at200["send_ack_ms"]["p50"]) if at200 else None,
         "large_best": large.get("best_rate"),
         "sockets_per_s": idle.get("per_second"),
+        "storm_per_s": (cfg.get("storm") or {}).get("per_second"),
         "kib_per_socket": round(idle["bytes_per_socket"] / 1024, 1)
         if idle.get("bytes_per_socket") is not None
         else None,
@@ -59,7 +60,7 @@ SUMMARY_COLUMNS = [
     "delivery p50 / p99 ms at max",
     "send->ack p50 ms (at msg/s)",
     "large room max msg/s",
-    "sockets opened /s",
+    "sockets opened /s: one replica (all replicas)",
     "KiB per idle socket",
     "receipt lag p50 / p99 ms",
     "max receipts queue",
@@ -120,13 +121,14 @@ def summary_table(run: dict) -> str:
             f"{fmt_ms(h['ack_p50_at'][1])} (at {h['ack_p50_at'][0]:g})" if h["ack_p50_at"] else "-"
         )
         best = _bound(h["rooms_best"], h["rooms_first_failure"], h["rooms_top"])
+        storm = f" ({_num(h['storm_per_s'])})" if h["storm_per_s"] else ""
         large = _bound(h["large_best"], h["large_first_failure"], h["large_top"])
         lines.append(
             f"| {name}{' (generator ceiling)' if name == 'noop' else ''} "
             f"| {best} ({_num(h['deliveries_per_s'])})"
             f"{' [generator late]' if h['generator_bound'] else ''} "
             f"| {fmt_ms(h['delivery_p50'])} / {fmt_ms(h['delivery_p99'])} | {ack} "
-            f"| {large} | {_num(h['sockets_per_s'])} | {_num(h['kib_per_socket'])} "
+            f"| {large} | {_num(h['sockets_per_s'])}{storm} | {_num(h['kib_per_socket'])} "
             f"| {fmt_ms(h['receipt_p50'])} / {fmt_ms(h['receipt_p99'])} | {_num(h['queue_max'])} |"
         )
     p, n = heads.get("parley"), heads.get("naive")
@@ -142,7 +144,8 @@ def summary_table(run: dict) -> str:
             "Ratios measured in this run (parley / naive): rooms max rate "
             f"{ratio(p['rooms_best'], n['rooms_best'])}, large room max rate "
             f"{ratio(p['large_best'], n['large_best'])}, sockets opened per second "
-            f"{ratio(p['sockets_per_s'], n['sockets_per_s'])}, memory per idle socket "
+            f"{ratio(p['sockets_per_s'], n['sockets_per_s'])} (all replicas "
+            f"{ratio(p['storm_per_s'], n['storm_per_s'])}), memory per idle socket "
             f"{ratio(p['kib_per_socket'], n['kib_per_socket'], inverse=True)} less.",
         ]
     if heads.get("noop") and p and heads["noop"]["rooms_best"] and p["rooms_best"]:
@@ -222,6 +225,17 @@ def markdown(run: dict) -> str:
                 f"load {idle['loadavg']}.",
                 "",
             ]
+            storm = cfg.get("storm")
+            if storm:
+                t = storm["time_to_hello_ms"]
+                lines += [
+                    f"Storm over {storm['replicas']} replicas (the same users again, token "
+                    f"caches expired): {storm['opened']}/{storm['sockets']} opened in "
+                    f"{storm['seconds']} s ({storm['per_second']}/s), time to hello p50/p99 "
+                    f"{fmt_ms(t['p50'])}/{fmt_ms(t['p99'])} ms; failed {storm['failed']}; "
+                    f"cores {storm['cores']}.",
+                    "",
+                ]
             if idle.get("profile"):
                 lines += [
                     pyspy.markdown(

@@ -82,6 +82,9 @@ def test_bench_and_locust_smoke(tmp_path, private_redis):
     idle = parley["idle_sockets"]
     assert idle["opened"] == idle["sockets"] > 0, idle
     assert idle["per_second"] > 0 and idle["bytes_per_socket"] is not None
+    storm = parley["storm"]  # the same users again, spread over both replicas
+    assert storm["replicas"] == 2 and storm["opened"] == storm["sockets"] > idle["sockets"]
+    assert storm["per_second"] > 0 and storm["cores"]["realtime-B"] > 0, storm
 
     steps = parley["rooms"]["steps"]
     assert steps, output
