@@ -649,6 +649,13 @@ async def measure(
             cpu1 = await asyncio.to_thread(meter.cpu)
             storm["cores"] = Meter.cores(cpu0, cpu1, time.monotonic() - t0)
             storm["replicas"] = len(urls)
+            # Which replica each hello came from (the `node` it names).
+            nodes: dict[str, int] = {}
+            for c in spread:
+                node = (c.hello or {}).get("node")
+                if node is not None:
+                    nodes[node] = nodes.get(node, 0) + 1
+            storm["nodes"] = nodes
             out["storm"] = storm
             say(
                 f"  storm over {len(urls)} replicas: {storm['opened']}/{storm['sockets']} "

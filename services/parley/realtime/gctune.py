@@ -31,7 +31,7 @@ from parley.knobs import knob_str
 logger = logging.getLogger(__name__)
 
 DEFAULT = (50_000, 20, 10)
-_PYTHON = ("default", "python", "off")
+_PYTHON = ("default", "python")
 
 
 def thresholds() -> tuple[int, ...] | None:

@@ -188,11 +188,6 @@ class Node:
         except (AttributeError, RuntimeError):
             return {}
 
-    def backlog(self, consumer: ChatConsumer) -> int:
-        """Events waiting in a socket's channel-layer queue."""
-        queue = self._queues().get(consumer.channel_name)
-        return queue.qsize() if queue is not None else 0
-
     async def _laggard_loop(self) -> None:
         """A client that stops reading blocks its consumer on the socket while events
         keep queueing for it in memory. Past SLOW_SOCKET_BACKLOG, the socket leaves its
@@ -201,12 +196,18 @@ class Node:
         layer's queues are looked up once per pass, not once per socket."""
         while True:
             await asyncio.sleep(1.0)
-            queues, limit = self._queues(), conf.SLOW_SOCKET_BACKLOG
-            for consumer in list(self.sockets):
-                queue = queues.get(consumer.channel_name)
-                if queue is not None and queue.qsize() > limit and not consumer.closing:
-                    logger.warning("socket of user %s fell behind: closing it", consumer.user_id)
-                    consumer.shed()
+            try:
+                self._shed_laggards()
+            except Exception:  # the check must outlive a surprise
+                logger.exception("slow-socket check failed")
+
+    def _shed_laggards(self) -> None:
+        queues, limit = self._queues(), conf.SLOW_SOCKET_BACKLOG
+        for consumer in list(self.sockets):
+            queue = queues.get(consumer.channel_name)
+            if queue is not None and queue.qsize() > limit and not consumer.closing:
+                logger.warning("socket of user %s fell behind: closing it", consumer.user_id)
+                consumer.shed()
 
     # --- channel-layer watch ---------------------------------------------------------------
 

@@ -75,17 +75,27 @@ class BatchRead:
     second reads them in a few statements instead of one each (psycopg's per-statement
     work was about a fifth of a replica's CPU in a connection storm; docs/benchmarks.md,
     session 14). `fetch_many(keys)` returns {key: value}; a key it leaves out gets
-    `missing`. An error fails every waiter of that read, not later ones."""
+    `missing`. An error fails every waiter of that read, not later ones; so does a read
+    that takes longer than `timeout` seconds (one statement at a time per kind: a hung
+    connection must not hold every handshake of the replica). Waiters of one key share
+    the value: treat it as read-only."""
 
-    def __init__(self, fetch_many, *, missing=None, max_keys: int = 500) -> None:
+    def __init__(
+        self, fetch_many, *, missing=None, max_keys: int = 500, timeout: float = 5.0
+    ) -> None:
         self._fetch_many = fetch_many
         self._missing = missing
         self._max_keys = max_keys
+        self._timeout = timeout
         self._pending: dict[object, list[asyncio.Future]] = {}
         self._reader: asyncio.Task | None = None
 
     async def get(self, key):
         loop = asyncio.get_running_loop()
+        reader = self._reader
+        if reader is not None and not reader.done() and reader.get_loop() is not loop:
+            # A reader left behind on a loop that is gone (tests): so are its waiters.
+            self._pending, self._reader = {}, None
         fut = loop.create_future()
         self._pending.setdefault(key, []).append(fut)
         if self._reader is None or self._reader.done():
@@ -97,7 +107,8 @@ class BatchRead:
             keys = list(itertools.islice(self._pending, self._max_keys))
             batch = {key: self._pending.pop(key) for key in keys}
             try:
-                found = await self._fetch_many(keys)
+                async with asyncio.timeout(self._timeout):
+                    found = await self._fetch_many(keys)
             except asyncio.CancelledError:
                 # The loop is going away: so are the handshakes that wait.
                 for waiters in (*batch.values(), *self._pending.values()):
@@ -272,7 +283,9 @@ async def conversation_ids_for_user(
 
 
 async def token_by_digest(pg: LoopConnections | None, digest: str):
-    """accounts.selectors.token_by_digest: (token id, last_used_at, user) or None."""
+    """accounts.selectors.token_by_digest: (token id, last_used_at, user) or None. Read
+    with the other handshakes' tokens: callers asking for the same digest at once get
+    the same tuple and User (copy the user before changing it, as tokens.py does)."""
     if pg is None:
         return await db(account_selectors.token_by_digest)(digest=digest)
     return await pg.tokens.get(digest)

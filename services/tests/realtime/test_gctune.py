@@ -30,7 +30,7 @@ def test_threshold_values(monkeypatch, raw, expected):
     assert gctune.thresholds() == expected
 
 
-@pytest.mark.parametrize("raw", ["many", "0", "700,0", "1,2,3,4", "700,,10", "-5", "1e5"])
+@pytest.mark.parametrize("raw", ["off", "many", "0", "700,0", "1,2,3,4", "700,,10", "-5", "1e5"])
 def test_bad_thresholds_are_a_configuration_error(monkeypatch, raw):
     monkeypatch.setenv("REALTIME_GC_THRESHOLD", raw)
     with pytest.raises(ImproperlyConfigured, match="REALTIME_GC_THRESHOLD must be"):

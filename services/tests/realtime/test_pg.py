@@ -295,13 +295,15 @@ async def test_a_read_asked_for_while_one_is_in_flight_goes_in_the_next():
     reads = apg.BatchRead(fetch_many, missing="none")
     first = asyncio.gather(reads.get(1), reads.get(2))
     await started.wait()
-    later = asyncio.gather(reads.get(3), reads.get(4), reads.get(3))
+    # 1 again: a key asked for while a read of it is in flight is read once more, after
+    # (a handshake's second conversation read must start after its subscriptions).
+    later = asyncio.gather(reads.get(3), reads.get(4), reads.get(3), reads.get(1))
     await asyncio.sleep(0.01)
     assert batches == [[1, 2]]  # the later ones wait for the read in flight
     release.set()
     assert await first == [10, 20]
-    assert await later == [30, "none", 30]
-    assert batches == [[1, 2], [3, 4]]
+    assert await later == [30, "none", 30, 10]
+    assert batches == [[1, 2], [1, 3, 4]]
 
 
 async def test_a_failed_read_fails_its_waiters_only_and_a_cancelled_waiter_is_skipped():
@@ -326,6 +328,84 @@ async def test_a_failed_read_fails_its_waiters_only_and_a_cancelled_waiter_is_sk
     assert await kept == "4"
     assert gone.cancelled()
     assert calls == [[1, 2], [3, 4]]
+
+
+async def test_keys_asked_for_during_a_failing_read_are_read_by_the_next():
+    failing, fail = asyncio.Event(), asyncio.Event()
+    calls = []
+
+    async def fetch_many(keys):
+        calls.append(sorted(keys))
+        if len(calls) == 1:
+            failing.set()
+            await fail.wait()
+            raise psycopg.OperationalError("terminating connection")
+        return {k: -k for k in keys}
+
+    reads = apg.BatchRead(fetch_many)
+    doomed = asyncio.ensure_future(reads.get(1))
+    await failing.wait()
+    later = asyncio.ensure_future(reads.get(2))
+    await asyncio.sleep(0.01)
+    fail.set()
+    with pytest.raises(psycopg.OperationalError):
+        await doomed
+    assert await later == -2
+    assert calls == [[1], [2]]
+
+
+async def test_a_read_that_hangs_fails_its_waiters_after_the_timeout_only():
+    calls = []
+
+    async def fetch_many(keys):
+        calls.append(sorted(keys))
+        if len(calls) == 1:
+            await asyncio.sleep(3600)  # a half-open connection
+        return {k: k for k in keys}
+
+    reads = apg.BatchRead(fetch_many, timeout=0.2)
+    hung = asyncio.ensure_future(reads.get(1))
+    await asyncio.sleep(0.05)
+    later = asyncio.ensure_future(reads.get(2))
+    with pytest.raises(TimeoutError):
+        await hung
+    assert await later == 2
+
+
+async def test_cancelling_the_reader_cancels_every_waiter():
+    started = asyncio.Event()
+
+    async def fetch_many(keys):
+        started.set()
+        await asyncio.sleep(3600)
+
+    reads = apg.BatchRead(fetch_many)
+    first = asyncio.ensure_future(reads.get(1))
+    await started.wait()
+    second = asyncio.ensure_future(reads.get(2))
+    await asyncio.sleep(0.01)
+    reads._reader.cancel()  # what the loop's shutdown does to a leftover task
+    await asyncio.wait([first, second], timeout=1)
+    assert first.cancelled() and second.cancelled()
+    # A later read starts a new reader.
+    reads._fetch_many = lambda keys: asyncio.sleep(0, {k: "again" for k in keys})
+    assert await reads.get(3) == "again"
+
+
+async def test_one_of_two_waiters_of_a_key_cancelled_the_other_gets_the_value():
+    gate = asyncio.Event()
+
+    async def fetch_many(keys):
+        await gate.wait()
+        return {k: f"v{k}" for k in keys}
+
+    reads = apg.BatchRead(fetch_many)
+    a, b = asyncio.ensure_future(reads.get(7)), asyncio.ensure_future(reads.get(7))
+    await asyncio.sleep(0.01)
+    a.cancel()
+    gate.set()
+    assert await b == "v7"
+    assert a.cancelled()
 
 
 async def test_reads_are_split_at_the_batch_limit():
