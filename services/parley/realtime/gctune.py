@@ -2,11 +2,11 @@
 
 CPython's cyclic collector scans a whole generation each time it runs. In a realtime
 process the oldest generation is Django's import-time heap plus every open socket's
-objects, and while 5,000 sockets opened, ten full collections took 1.4 s of the 8 s of
+objects, and while 5,000 sockets opened, six full collections took 1.4 s of the 7.9 s of
 CPU the storm cost, the younger ones another 0.4 s (timed with gc.callbacks;
-docs/benchmarks.md, session 14). A full collection of 5,000 sockets' heap stopped the
-event loop for 200-300 ms each time: every frame in flight waited that long. Two
-remedies, as long-lived Python servers use them:
+docs/benchmarks.md, session 14). Each full collection stopped the event loop for 175-370
+ms, growing with the heap: every frame in flight waited that long. Two remedies, as
+long-lived Python servers use them:
 
 - `gc.freeze()` once the application is loaded: what exists then (modules, settings, URL
   patterns, the ORM's metadata) lives as long as the process and is not scanned again;

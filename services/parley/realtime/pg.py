@@ -74,7 +74,7 @@ class BatchRead:
     statement. A quiet replica reads each key at once; one opening hundreds of sockets a
     second reads them in a few statements instead of one each (psycopg's per-statement
     work was about a fifth of a replica's CPU in a connection storm; docs/benchmarks.md,
-    session 14). `fetch_many(keys)` returns {key: value}; a key it leaves out gets
+    sessions 13 and 14). `fetch_many(keys)` returns {key: value}; a key it leaves out gets
     `missing`. An error fails every waiter of that read, not later ones; so does a read
     that takes longer than `timeout` seconds (one statement at a time per kind: a hung
     connection must not hold every handshake of the replica). Waiters of one key share
