@@ -254,6 +254,10 @@ def gunicorn_argv(args: argparse.Namespace, extra: list[str]) -> list[str]:
 
 def cmd_web(args: argparse.Namespace, extra: list[str]) -> int:
     _check_settings()
+    from parley import gctune
+
+    # As gunicorn's config reads it: a bad value is a configuration error here.
+    gctune.parse(os.environ.get("WEB_GC_THRESHOLD"), "WEB_GC_THRESHOLD", gctune.WEB_DEFAULT)
     _exec(gunicorn_argv(args, extra))
     return 0  # not reached
 

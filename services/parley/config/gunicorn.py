@@ -12,6 +12,7 @@ variables; `parley web --bind/--workers/--threads` override the matching ones.
 | `WEB_GRACEFUL_TIMEOUT` | 20 | seconds in-flight requests get after SIGTERM |
 | `WEB_KEEPALIVE` | 75 | seconds an idle keep-alive connection stays open |
 | `WEB_MAX_REQUESTS` | 0 (never) | recycle a worker after this many requests (+ up to 10 % jitter) |
+| `WEB_GC_THRESHOLD` | `700,10,10` | collector thresholds after a worker froze its heap |
 | `PROMETHEUS_MULTIPROC_DIR` | a fresh temporary folder | where workers write their metrics |
 
 Only names gunicorn knows are read from this module; helpers start with `_`.
@@ -28,6 +29,7 @@ from pathlib import Path
 
 from gunicorn.glogging import Logger
 
+from parley import gctune
 from parley.cli import available_cpus
 
 # More processes per pod buys little once the CPUs are busy and multiplies database
@@ -93,6 +95,27 @@ class _ParleyLogger(Logger):
 
 
 logger_class = _ParleyLogger
+
+
+def _gc_thresholds() -> tuple[int, ...] | None:
+    from django.core.exceptions import ImproperlyConfigured
+
+    try:
+        # From the environment, like every value here: the master never loads Django
+        # (each worker loads the application itself).
+        return gctune.parse(
+            os.environ.get("WEB_GC_THRESHOLD"), "WEB_GC_THRESHOLD", gctune.WEB_DEFAULT
+        )
+    except ImproperlyConfigured as exc:
+        raise SystemExit(str(exc)) from None
+
+
+_gc = _gc_thresholds()  # a bad value stops the master before any worker starts
+
+
+def post_worker_init(worker) -> None:
+    # The worker has loaded the application: freeze that heap, then raise the threshold.
+    gctune.tune(_gc)
 
 
 # --- Prometheus metrics across worker processes ----------------------------------

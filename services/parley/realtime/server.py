@@ -50,7 +50,7 @@ def _uvicorn_server_class():
             self._loop = asyncio.get_running_loop()
             if not self.config.loaded:
                 self.config.load()  # imports the application, whose heap is then frozen
-            from parley.realtime import gctune
+            from parley import gctune
 
             gctune.tune(self.gc_thresholds)
             await super().serve(sockets=sockets)
@@ -191,7 +191,8 @@ def serve(
     import uvicorn
     from django.conf import settings
 
-    from parley.realtime import conf, gctune
+    from parley import gctune
+    from parley.realtime import conf
 
     gc_thresholds = gctune.thresholds()  # a bad value stops here, before serving
     config = uvicorn.Config(
