@@ -333,7 +333,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.connected_at = time.monotonic()
         self.presence_field = self.node.presence_field()
         self.node.register(self)
-        metrics.handshakes.labels("accepted").inc()
+        metrics.HANDSHAKES_ACCEPTED.inc()
         await self._write(
             frames.hello(
                 user=self.user,
@@ -342,7 +342,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             ),
             "hello",
         )
-        self.node.spawn(self.node.socket_online(self))
+        self.node.socket_online(self)
 
     async def _join_groups(self) -> None:
         """Subscribe, then read: every message committed after the read that `hello`
@@ -451,7 +451,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             metrics.frames_in.labels("unknown").inc()
             await self._error("bad_request", "Unknown or missing frame type.", client_id)
             return
-        metrics.frames_in.labels(ftype).inc()
+        metrics.frames_in_of(ftype).inc()
         if ftype != "send" and not self._take_token():
             await self._error("rate_limited", "Too many frames; slow down.", client_id)
             return

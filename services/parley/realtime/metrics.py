@@ -47,7 +47,17 @@ deliveries_recorded = Counter(
 
 # Hot-path children, bound once.
 FRAMES_OUT_MESSAGE = frames_out.labels("message")
+HANDSHAKES_ACCEPTED = handshakes.labels("accepted")
 _frames_out_by_type: dict = {}
+_frames_in_by_type: dict = {}
+
+
+def frames_in_of(kind: str):
+    """frames_in's child for `kind`, bound once (every frame received comes here)."""
+    child = _frames_in_by_type.get(kind)
+    if child is None:
+        child = _frames_in_by_type[kind] = frames_in.labels(kind)
+    return child
 
 
 def frames_out_of(kind: str):

@@ -322,11 +322,12 @@ class Node:
             await self.announce(user_id, "offline")
         return offline
 
-    async def socket_online(self, consumer: ChatConsumer) -> None:
+    def socket_online(self, consumer: ChatConsumer) -> None:
         """Record an opened socket's presence, together with the others that open within
         PRESENCE_BATCH_SECONDS: one Redis call for them all, and their users' "online"
         announced with one event per conversation (a room whose members connect at
-        once, after a deploy, gets one write per member socket, not one per pair)."""
+        once, after a deploy, gets one write per member socket, not one per pair).
+        Synchronous: it only joins the batch (no task per socket)."""
         if consumer.presence_field is None:
             return
         batch = self._arriving
