@@ -174,13 +174,20 @@ return 0
 """
 
 # KEYS: due zset. ARGV: most ids to take. Takes (removes and returns) the conversations
-# that are due now: each is taken once, by one ticker, whichever worker runs it.
+# that are due now: each is taken once, by one ticker, whichever worker runs it. Returns
+# (id, ms past its due time) pairs, flattened.
 _TAKE_DUE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
-if #ids > 0 then redis.call('ZREM', KEYS[1], unpack(ids)) end
-return ids
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0,
+  tonumber(ARGV[1]))
+local out = {}
+for i = 1, #due, 2 do
+  redis.call('ZREM', KEYS[1], due[i])
+  out[#out + 1] = due[i]
+  out[#out + 1] = math.floor(now - tonumber(due[i + 1]))
+end
+return out
 """
 
 
@@ -208,8 +215,15 @@ def _enqueue_flush(
 def take_due(*, client: redis.Redis | None = None, limit: int = 500) -> list[int]:
     """Remove and return the conversations whose flush is due (at most `limit`). The
     caller must enqueue their flush, or `_enqueue_flush` them again if it cannot."""
+    return [cid for cid, _ in take_due_late(client=client, limit=limit)]
+
+
+def take_due_late(
+    *, client: redis.Redis | None = None, limit: int = 500
+) -> list[tuple[int, float]]:
+    """`take_due`, with how late each was taken: (conversation id, seconds past due)."""
     out = _run_script(client or redis_client(), _TAKE_DUE, [DUE_KEY], [int(limit)])
-    return [int(x) for x in out]
+    return [(int(out[i]), int(out[i + 1]) / 1000) for i in range(0, len(out), 2)]
 
 
 def stage(

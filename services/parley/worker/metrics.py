@@ -48,6 +48,12 @@ def metrics():
             ["task"],
             buckets=_WAIT_BUCKETS,
         ),
+        receipts_late=Histogram(
+            "parley_receipts_flush_late_seconds",
+            "How long after its due time a receipts flush was taken by a worker's ticker "
+            "(PARLEY_RECEIPT_TICK_SECONDS at most, unless the ticker is held up)",
+            buckets=_WAIT_BUCKETS,
+        ),
         receipts_applied=Counter(
             "parley_receipts_applied_total",
             "Memberships whose receipts a flush moved forward in Postgres",

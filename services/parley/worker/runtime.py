@@ -256,17 +256,22 @@ def _receipts_ticker() -> None:
     each due flush is taken by exactly one of them."""
     from parley.chat import receipts
     from parley.config.celery import app
+    from parley.worker import metrics
 
     tick = receipts.tick_seconds()
     quiet_until = 0.0  # while Redis or the broker is away, warn every 10 s, not every tick
     while not _state.stop.wait(tick):
         try:
-            due = receipts.take_due(limit=TICK_BATCH * 10)
+            taken = receipts.take_due_late(limit=TICK_BATCH * 10)
         except Exception as exc:
             if time.monotonic() >= quiet_until:
                 quiet_until = time.monotonic() + 10
                 logger.warning("receipt flushes not taken: %r", exc)
             continue
+        late = metrics.metrics().receipts_late
+        for _, seconds in taken:
+            late.observe(seconds)
+        due = [cid for cid, _ in taken]
         for i in range(0, len(due), TICK_BATCH):
             batch = due[i : i + TICK_BATCH]
             try:

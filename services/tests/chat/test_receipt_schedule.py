@@ -93,6 +93,17 @@ def test_flushes_are_due_after_their_countdown_and_taken_exactly_once(due_set):
     assert redis_client().zscore(receipts.DUE_KEY, second) is None
 
 
+def test_a_flush_is_taken_with_how_late_it_was(due_set):
+    first, second, _ = due_set
+    receipts._enqueue_flush(first, 0)
+    time.sleep(0.25)
+    receipts._enqueue_flush(second, 0)
+    late = {cid: s for cid, s in receipts.take_due_late() if cid in due_set}
+    assert set(late) == {first, second}
+    assert 0.24 <= late[first] < 2, late  # due 0.25 s ago (Redis' clock, ms)
+    assert 0 <= late[second] < 0.1, late
+
+
 def test_staging_puts_the_flush_in_the_due_set_not_the_broker(due_set, monkeypatch):
     client = redis_client()
     cid = due_set[0]

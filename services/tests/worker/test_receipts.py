@@ -96,6 +96,11 @@ async def test_deliveries_and_reads_are_coalesced_broadcast_and_visible(
     flushes = await asyncio.to_thread(flushes_done, pair) - before
     assert 1 <= flushes <= 10, flushes
     assert len(bob_frames) <= flushes
+    # Every flush was taken off the due set by a ticker, which says how late it was.
+    taken = await asyncio.to_thread(
+        lambda: sum(w.metric("parley_receipts_flush_late_seconds_count") for w in pair)
+    )
+    assert taken >= flushes, (taken, flushes)
     assert frames.events <= flushes, "one receipts event per flush"
 
     # The members endpoint shows it to the sender.
