@@ -30,6 +30,7 @@ import json
 import math
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import tempfile
@@ -921,9 +922,26 @@ def _run_async(coro):
     try:
         import uvloop
 
-        return uvloop.run(coro)
+        return uvloop.run(_dumpable(coro))
     except ImportError:
-        return asyncio.run(coro)
+        return asyncio.run(_dumpable(coro))
+
+
+async def _dumpable(coro):
+    """`kill -USR1 <pid>` prints every task's stack to stderr: a run that stops making
+    progress shows where it waits (once, a run sat idle for minutes between two steps
+    until a signal woke its loop; docs/benchmarks.md, session 14)."""
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        loop.add_signal_handler(signal.SIGUSR1, _dump_tasks)
+    return await coro
+
+
+def _dump_tasks() -> None:
+    for task in asyncio.all_tasks():
+        print(f"--- task {task.get_name()}", file=sys.stderr)
+        task.print_stack(file=sys.stderr)
+    sys.stderr.flush()
 
 
 def migrate(args) -> None:
