@@ -256,6 +256,11 @@ class Meter:
                     sink.append((sum(values[:-1]), values[-1]))
                 except (redis.RedisError, OSError):
                     pass
+                # redis-py can swallow a cancellation that lands during execute() (it
+                # surfaced as an error or not at all): then this loop ran forever and the
+                # step that awaited it never ended (two quick runs sat idle for minutes).
+                if asyncio.current_task().cancelling():
+                    return
                 await asyncio.sleep(0.25)
         finally:
             await client.aclose()

@@ -19,7 +19,6 @@ the step), no error frame came, and p99 send->delivery is under the bar.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import random
 import time
@@ -548,8 +547,11 @@ class Generator:
         finally:
             if probe_task is not None:
                 probe_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await probe_task
+                # Bounded (asyncio.wait, not wait_for, which waits for the cancellation
+                # to finish): a probe that does not stop must not hold the step.
+                await asyncio.wait({probe_task}, timeout=5)
+                if probe_task.done() and not probe_task.cancelled():
+                    probe_task.exception()  # retrieved: nobody else wants it
         cpu1 = self.process.cpu_times()
         elapsed = clock() - wall0
         self.step = None
