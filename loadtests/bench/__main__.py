@@ -312,6 +312,18 @@ def flush_buckets(text: str) -> dict[str, dict[float, float]]:
     return out
 
 
+def file_refaults() -> int | None:
+    """The kernel's count of file pages faulted back in after eviction (Linux only)."""
+    try:
+        with open("/proc/vmstat") as f:
+            for line in f:
+                if line.startswith("workingset_refault_file "):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
 def bucket_quantiles(before: dict[float, float], after: dict[float, float]) -> dict:
     """Count and p50/p99 (as the bucket's upper bound, in ms) of the observations made
     between two scrapes of a cumulative histogram."""
@@ -335,6 +347,7 @@ async def measured_step(gen: g.Generator, meter: Meter, db, **kw) -> dict:
     before_flush = flush_buckets(await asyncio.to_thread(meter.topo.scrape_worker))
     started = time.monotonic()
     load_before = os.getloadavg()[0]
+    refaults_before = file_refaults()
     _, result = await gen.run_step(
         last_seqs=db.last_seqs, history=db.history, probe=lambda: meter.queue_probe(queue), **kw
     )
@@ -353,6 +366,15 @@ async def measured_step(gen: g.Generator, meter: Meter, db, **kw) -> dict:
         if v - before_counters.get(k, 0.0)
     }
     result["loadavg"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+    # Pages of files read back after the kernel (or the host) evicted them: on a machine
+    # that reclaims page cache under the services (Postgres' data files, the interpreter's
+    # libraries) a step stalls on disk reads however idle the CPUs are.
+    refaults_after = file_refaults()
+    result["file_refaults_per_s"] = (
+        round((refaults_after - refaults_before) / elapsed)
+        if refaults_before is not None and refaults_after is not None and elapsed > 0
+        else None
+    )
     # Where receipt lag comes from: how long the worker's flush batches waited in the
     # queue, and how long they ran (bucket bounds, from the worker's histograms; the
     # tasks of this step and of the one before that ran meanwhile).
@@ -437,12 +459,14 @@ async def search(
         res["generator_bound"] = g.generator_bound(res)
         steps.append(res)
         d = res["send_delivery_ms"]
+        rf = res.get("file_refaults_per_s")
+        refaults = f", file refaults/s {rf}" if rf else ""
         say(
             f"  {label} {rate:g} msg/s: {'PASS' if ok else 'FAIL'} "
             f"sent {res['sent']} deliveries/s {res['deliveries_per_s']} "
             f"ack p50 {res['send_ack_ms']['p50']} ms, delivery p50/p99 {d['p50']}/{d['p99']} ms"
             f"{' (generator late)' if res['generator_bound'] else ''}"
-            f"{'' if ok else ' - ' + '; '.join(reasons)}  load {res['loadavg'][1]}"
+            f"{'' if ok else ' - ' + '; '.join(reasons)}  load {res['loadavg'][1]}{refaults}"
         )
         lag, flushes = res.get("receipt_lag_ms"), res.get("receipt_flushes") or {}
         if lag and lag.get("count") and flushes.get("run", {}).get("count"):

@@ -79,6 +79,7 @@ STEP_COLUMNS = [
     "gen lag p99 ms",
     "CPU cores (rt A, rt B, web, worker, pg, gen)",
     "load",
+    "file refaults/s",
 ]
 
 
@@ -200,6 +201,7 @@ def _steps_table(search: dict) -> list[str]:
                     fmt_ms(s["generator_lag_ms"]["p99"]),
                     cores,
                     s["loadavg"][1],
+                    _num(s.get("file_refaults_per_s")),
                 ]
             )
         )
