@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import psutil
@@ -525,6 +526,16 @@ async def search(
 # --- one configuration ---------------------------------------------------------------------------
 
 
+async def _open_metered(gen: g.Generator, meter: Meter, clients: list) -> dict:
+    """Open `clients` (200 handshakes in flight) and say which process bounds the rate:
+    the cores each process group used meanwhile (the generator's must stay well below)."""
+    cpu0, t0 = await asyncio.to_thread(meter.cpu), time.monotonic()
+    opened = await gen.open_all(clients, concurrency=200, timeout=120)
+    cpu1 = await asyncio.to_thread(meter.cpu)
+    opened["cores"] = Meter.cores(cpu0, cpu1, time.monotonic() - t0)
+    return opened
+
+
 def _code(config: str) -> str:
     """A short, unique tag per configuration for usernames, client_ids and prefixes."""
     return {"parley": "p", "naive": "n", "noop": "o", "parley-noworker": "w"}.get(
@@ -625,12 +636,7 @@ async def measure(
             spy_file = args.results_dir / f"{stamp()}-pyspy-realtime-A-connect-{config}.txt"
             spy = pyspy.record(topo.realtime[0].pid, spy_file, max(3.0, len(rest) / 200), fmt="raw")
             await asyncio.sleep(0.5)
-        cpu0, t0 = await asyncio.to_thread(meter.cpu), time.monotonic()
-        opened = await gen.open_all(rest, concurrency=200, timeout=120)
-        # Which process bounds the connect rate: cores used per process group while
-        # the sockets opened (the generator's client side must stay well below).
-        cpu1 = await asyncio.to_thread(meter.cpu)
-        opened["cores"] = Meter.cores(cpu0, cpu1, time.monotonic() - t0)
+        opened = await _open_metered(gen, meter, rest)
         if spy is not None:
             await asyncio.to_thread(pyspy.finish, spy)
             if spy_file.exists() and spy_file.stat().st_size:
@@ -676,18 +682,10 @@ async def measure(
                 g.Client(gen, u.id, u.token, urls[j % len(urls)])
                 for j, u in enumerate(seeded["idle"])
             ]
-            cpu0, t0 = await asyncio.to_thread(meter.cpu), time.monotonic()
-            storm = await gen.open_all(spread, concurrency=200, timeout=120)
-            cpu1 = await asyncio.to_thread(meter.cpu)
-            storm["cores"] = Meter.cores(cpu0, cpu1, time.monotonic() - t0)
+            storm = await _open_metered(gen, meter, spread)
             storm["replicas"] = len(urls)
             # Which replica each hello came from (the `node` it names).
-            nodes: dict[str, int] = {}
-            for c in spread:
-                node = (c.hello or {}).get("node")
-                if node is not None:
-                    nodes[node] = nodes.get(node, 0) + 1
-            storm["nodes"] = nodes
+            storm["nodes"] = dict(Counter(c.hello["node"] for c in spread if c.hello))
             out["storm"] = storm
             say(
                 f"  storm over {len(urls)} replicas: {storm['opened']}/{storm['sockets']} "

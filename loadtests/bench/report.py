@@ -208,6 +208,15 @@ def _steps_table(search: dict) -> list[str]:
     return lines
 
 
+def _opened(o: dict) -> str:
+    """A socket-opening phase (generator.open_all's figures) in words."""
+    t = o["time_to_hello_ms"]
+    return (
+        f"{o['opened']}/{o['sockets']} opened in {o['seconds']} s ({o['per_second']}/s), "
+        f"time to hello p50/p99 {fmt_ms(t['p50'])}/{fmt_ms(t['p99'])} ms"
+    )
+
+
 def markdown(run: dict) -> str:
     from loadtests.bench import profile as pyspy
 
@@ -217,11 +226,8 @@ def markdown(run: dict) -> str:
         lines += [f"## {name}", "", f"Environment: `{cfg.get('env', {})}`", ""]
         idle = cfg.get("idle_sockets")
         if idle:
-            t = idle["time_to_hello_ms"]
             lines += [
-                f"Idle sockets: {idle['opened']}/{idle['sockets']} opened in {idle['seconds']} s "
-                f"({idle['per_second']}/s), time to hello p50/p99 "
-                f"{fmt_ms(t['p50'])}/{fmt_ms(t['p99'])} ms; realtime-A RSS "
+                f"Idle sockets: {_opened(idle)}; realtime-A RSS "
                 f"{idle['rss_before_mb']} -> {idle['rss_after_mb']} MiB = "
                 f"{idle['bytes_per_socket']:,} bytes per socket; failed {idle['failed']}; "
                 f"load {idle['loadavg']}.",
@@ -229,12 +235,9 @@ def markdown(run: dict) -> str:
             ]
             storm = cfg.get("storm")
             if storm:
-                t = storm["time_to_hello_ms"]
                 lines += [
                     f"Storm over {storm['replicas']} replicas (the same users again, token "
-                    f"caches expired): {storm['opened']}/{storm['sockets']} opened in "
-                    f"{storm['seconds']} s ({storm['per_second']}/s), time to hello p50/p99 "
-                    f"{fmt_ms(t['p50'])}/{fmt_ms(t['p99'])} ms; failed {storm['failed']}; "
+                    f"caches expired): {_opened(storm)}; failed {storm['failed']}; "
                     f"cores {storm['cores']}.",
                     "",
                 ]

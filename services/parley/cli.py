@@ -256,8 +256,7 @@ def cmd_web(args: argparse.Namespace, extra: list[str]) -> int:
     _check_settings()
     from parley import gctune
 
-    # As gunicorn's config reads it: a bad value is a configuration error here.
-    gctune.parse(os.environ.get("WEB_GC_THRESHOLD"), "WEB_GC_THRESHOLD", gctune.WEB_DEFAULT)
+    gctune.web_thresholds()  # a bad value is a configuration error here, not in gunicorn
     _exec(gunicorn_argv(args, extra))
     return 0  # not reached
 

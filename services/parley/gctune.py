@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 
 from django.core.exceptions import ImproperlyConfigured
 
@@ -46,6 +47,12 @@ def thresholds(knob: str = "REALTIME_GC_THRESHOLD") -> tuple[int, ...] | None:
     """The knob (a Django setting or the environment) parsed: the thresholds to set, or
     None (Python's defaults)."""
     return parse(knob_str(knob, ""), knob)
+
+
+def web_thresholds() -> tuple[int, ...] | None:
+    """WEB_GC_THRESHOLD, from the environment only, as gunicorn's config (whose master
+    never loads Django) and `parley web` both read it."""
+    return parse(os.environ.get("WEB_GC_THRESHOLD"), "WEB_GC_THRESHOLD", WEB_DEFAULT)
 
 
 def parse(raw: str | None, knob: str, default: tuple[int, ...] = DEFAULT) -> tuple[int, ...] | None:

@@ -212,16 +212,10 @@ def _enqueue_flush(
     )
 
 
-def take_due(*, client: redis.Redis | None = None, limit: int = 500) -> list[int]:
-    """Remove and return the conversations whose flush is due (at most `limit`). The
-    caller must enqueue their flush, or `_enqueue_flush` them again if it cannot."""
-    return [cid for cid, _ in take_due_late(client=client, limit=limit)]
-
-
-def take_due_late(
-    *, client: redis.Redis | None = None, limit: int = 500
-) -> list[tuple[int, float]]:
-    """`take_due`, with how late each was taken: (conversation id, seconds past due)."""
+def take_due(*, client: redis.Redis | None = None, limit: int = 500) -> list[tuple[int, float]]:
+    """Remove and return the conversations whose flush is due (at most `limit`), each
+    with how late it was taken: (conversation id, seconds past due). The caller must
+    enqueue their flush, or `_enqueue_flush` them again if it cannot."""
     out = _run_script(client or redis_client(), _TAKE_DUE, [DUE_KEY], [int(limit)])
     return [(int(out[i]), int(out[i + 1]) / 1000) for i in range(0, len(out), 2)]
 

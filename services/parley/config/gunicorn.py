@@ -101,11 +101,7 @@ def _gc_thresholds() -> tuple[int, ...] | None:
     from django.core.exceptions import ImproperlyConfigured
 
     try:
-        # From the environment, like every value here: the master never loads Django
-        # (each worker loads the application itself).
-        return gctune.parse(
-            os.environ.get("WEB_GC_THRESHOLD"), "WEB_GC_THRESHOLD", gctune.WEB_DEFAULT
-        )
+        return gctune.web_thresholds()
     except ImproperlyConfigured as exc:
         raise SystemExit(str(exc)) from None
 

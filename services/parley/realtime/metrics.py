@@ -45,25 +45,25 @@ deliveries_recorded = Counter(
     "Coalesced delivery receipts handed to chat.receipts.record_delivery",
 )
 
-# Hot-path children, bound once.
+# Hot-path children, bound once: `labels()` costs a lock and a tuple per call, and these
+# are on the path of every frame received or written.
 FRAMES_OUT_MESSAGE = frames_out.labels("message")
 HANDSHAKES_ACCEPTED = handshakes.labels("accepted")
-_frames_out_by_type: dict = {}
-_frames_in_by_type: dict = {}
 
 
-def frames_in_of(kind: str):
-    """frames_in's child for `kind`, bound once (every frame received comes here)."""
-    child = _frames_in_by_type.get(kind)
-    if child is None:
-        child = _frames_in_by_type[kind] = frames_in.labels(kind)
+def _bound_children(metric):
+    """`kind -> metric.labels(kind)`, each child made once (the kinds are the protocol's
+    frame types: a bounded set)."""
+    children: dict = {}
+
+    def child(kind: str):
+        found = children.get(kind)
+        if found is None:
+            found = children[kind] = metric.labels(kind)
+        return found
+
     return child
 
 
-def frames_out_of(kind: str):
-    """frames_out's child for `kind` (`labels()` costs a lock and a tuple per call; this
-    is on the path of every frame written)."""
-    child = _frames_out_by_type.get(kind)
-    if child is None:
-        child = _frames_out_by_type[kind] = frames_out.labels(kind)
-    return child
+frames_in_of = _bound_children(frames_in)
+frames_out_of = _bound_children(frames_out)

@@ -262,7 +262,7 @@ def _receipts_ticker() -> None:
     quiet_until = 0.0  # while Redis or the broker is away, warn every 10 s, not every tick
     while not _state.stop.wait(tick):
         try:
-            taken = receipts.take_due_late(limit=TICK_BATCH * 10)
+            taken = receipts.take_due(limit=TICK_BATCH * 10)
         except Exception as exc:
             if time.monotonic() >= quiet_until:
                 quiet_until = time.monotonic() + 10
